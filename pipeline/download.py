@@ -1,0 +1,152 @@
+"""Stage `download`: fetch the four IDX files, prove they are the real dataset, write them atomically.
+
+Sources are tried in order for each file (local directories, then HTTP(S) mirrors); a file is
+accepted only if its decompressed bytes pass the IDX checks and match the SHA-256 pinned for it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline import config, idx
+from pipeline.datasets import FILE_KINDS, DatasetSpec, resolve
+from pipeline.errors import PipelineError, stage_entry
+from pipeline.files import atomic_dir, write_json
+
+CHUNK_BYTES = 1 << 20
+
+
+class SourceError(PipelineError):
+    """A source that could not give a file: missing, unreachable, stalled, or cut short."""
+
+
+def run(spec: DatasetSpec, out_dir: Path, timeout_s: float) -> dict[str, dict]:
+    """Write the verified files to `out_dir`; return kind -> {file, source, sha256, bytes}."""
+    records = {}
+    with atomic_dir(out_dir) as temp:
+        for kind, filename in FILE_KINDS.items():
+            data, source = fetch_verified(spec, kind, timeout_s)
+            (temp / filename).write_bytes(data)
+            records[kind] = {"file": filename, "source": source,
+                             "sha256": spec.sha256[kind], "bytes": len(data)}
+    return records
+
+
+def fetch_verified(spec: DatasetSpec, kind: str, timeout_s: float) -> tuple[bytes, str]:
+    """The decompressed, verified bytes of one file, from the first source that has them."""
+    filename, failures = FILE_KINDS[kind], []
+    for source in spec.sources:
+        try:
+            where, raw = read_source(source, filename, timeout_s)
+            data = idx.decompress(raw, where)
+            verify(data, spec, kind, where)
+            print(f"{filename}: verified from {where}", file=sys.stderr)
+            return data, where
+        except PipelineError as error:
+            failures.append(str(error))
+            print(f"{filename}: skipping source: {error}", file=sys.stderr)
+    reasons = "; ".join(failures) or "no sources given"
+    raise PipelineError(f"{filename}: no source has the verified {spec.name} file ({reasons})")
+
+
+def verify(data: bytes, spec: DatasetSpec, kind: str, where: str) -> None:
+    """IDX structure first (for a clear reason), then the pinned hash (for certainty)."""
+    split = kind.split("_")[0]
+    count = spec.counts[split] if spec.counts else None
+    idx.check(data, where, kind, count, spec.classes)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.sha256[kind]:
+        raise idx.IdxError(f"{where}: sha256 {actual}, expected {spec.sha256[kind]}")
+
+
+def read_source(source: str, filename: str, timeout_s: float) -> tuple[str, bytes]:
+    """Bytes of `filename` (or `filename.gz`) from a local directory or an HTTP(S) base URL."""
+    if source.startswith(("http://", "https://")):
+        url = source.rstrip("/") + f"/{filename}.gz"
+        return url, http_get(url, timeout_s)
+    for candidate in (Path(source) / filename, Path(source) / f"{filename}.gz"):
+        if candidate.is_file():
+            try:
+                return str(candidate), candidate.read_bytes()
+            except OSError as error:
+                raise SourceError(f"{candidate}: {error.strerror}") from None
+    raise SourceError(f"{Path(source) / filename}[.gz]: no such file")
+
+
+def http_get(url: str, timeout_s: float) -> bytes:
+    """GET with a bounded connect and per-read timeout, a progress line, and a length check."""
+    request = urllib.request.Request(url, headers={"User-Agent": "d2l-mlp-pipeline"})
+    chunks, received = [], 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            progress = Progress(url, total)
+            while chunk := response.read(CHUNK_BYTES):
+                chunks.append(chunk)
+                received += len(chunk)
+                progress.update(received)
+    except urllib.error.HTTPError as error:
+        raise SourceError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except (OSError, http.client.HTTPException) as error:  # timeouts, refused or reset connections
+        reason = getattr(error, "reason", None) or error
+        raise SourceError(f"{url}: {type(error).__name__}: {reason} after {received} bytes") from None
+    if total and received != total:
+        raise SourceError(f"{url}: truncated, {received} of {total} bytes")
+    return b"".join(chunks)
+
+
+class Progress:
+    """A download progress line on stderr: redrawn on a terminal, every 25% in a log."""
+
+    def __init__(self, url: str, total: int) -> None:
+        self.url, self.total, self.shown, self.started = url, total, -1, time.monotonic()
+
+    def update(self, received: int) -> None:
+        if not self.total:
+            return
+        percent = 100 * received // self.total
+        step = 1 if sys.stderr.isatty() else 25
+        if percent // step > self.shown // step or percent == 100 and self.shown != 100:
+            self.shown = percent
+            rate = received / max(time.monotonic() - self.started, 1e-6) / 1e6
+            end = "\r" if sys.stderr.isatty() and percent < 100 else "\n"
+            print(f"{self.url}: {percent:3d}% of {self.total / 1e6:.1f} MB, {rate:.1f} MB/s",
+                  end=end, file=sys.stderr)
+
+
+@stage_entry
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser.add_argument("--out", type=Path, required=True, help="directory for the four IDX files")
+    parser.add_argument("--record", type=Path, required=True, help="JSON: sources, hashes, MLflow run id")
+    args = parser.parse_args()
+    params = config.load(args.params)
+    spec = resolve(params.data.dataset, params.data.sources, params.data.sha256)
+
+    from pipeline import tracking
+
+    with tracking.stage_run("download", params.mlflow.experiment) as mlflow_run:
+        import mlflow
+
+        mlflow.log_params({"dataset": spec.name, "sources": " ".join(spec.sources)[:6000],
+                           "timeout_s": params.data.timeout_s})
+        started = time.monotonic()
+        records = run(spec, args.out, params.data.timeout_s)
+        for kind, record in records.items():
+            mlflow.log_params({f"{kind}.source": record["source"], f"{kind}.sha256": record["sha256"],
+                               f"{kind}.bytes": record["bytes"]})
+        mlflow.log_metrics({"seconds": time.monotonic() - started,
+                            "bytes": sum(record["bytes"] for record in records.values())})
+        mlflow.log_dict(records, "download.json")
+        write_json(args.record, {"mlflow_run_id": mlflow_run.info.run_id, "files": records})
+
+
+if __name__ == "__main__":
+    main()

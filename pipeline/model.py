@@ -1,0 +1,109 @@
+"""d2l's multilayer perceptron in its two forms: from scratch (W1, b1, W2, b2) and as nn.Sequential."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_file, read_json, write_json
+
+INPUTS, OUTPUTS = 784, 10
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """d2l's hand-written ReLU."""
+    return torch.max(x, torch.zeros_like(x))
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + torch.exp(-x))
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    return 2 * sigmoid(2 * x) - 1
+
+
+def leaky_relu(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
+    return torch.where(x > 0, x, slope * x)
+
+
+SCRATCH_ACTIVATIONS = {"relu": relu, "sigmoid": sigmoid, "tanh": tanh, "leaky_relu": leaky_relu}
+MODULE_ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+
+
+class ScratchMLP(nn.Module):
+    """As d2l writes it: parameters W1, b1, W2, b2 (more for deeper nets) and X @ W + b."""
+
+    def __init__(self, hidden: tuple[int, ...], activation: str) -> None:
+        super().__init__()
+        sizes = (INPUTS, *hidden, OUTPUTS)
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:]), start=1):
+            setattr(self, f"W{layer}", nn.Parameter(torch.empty(fan_in, fan_out)))
+            setattr(self, f"b{layer}", nn.Parameter(torch.zeros(fan_out)))
+        self.layers = len(sizes) - 1
+        self.activation = SCRATCH_ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, INPUTS)
+        for layer in range(1, self.layers + 1):
+            x = torch.addmm(getattr(self, f"b{layer}"), x, getattr(self, f"W{layer}"))
+            if layer < self.layers:
+                x = self.activation(x)
+        return x
+
+
+def module_mlp(hidden: tuple[int, ...], activation: str) -> nn.Sequential:
+    """The concise form: Flatten, then Linear and activation layers."""
+    sizes = (INPUTS, *hidden, OUTPUTS)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), MODULE_ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers[:-1])
+
+
+def build(impl: str, hidden: tuple[int, ...], activation: str, init_std: float,
+          generator: torch.Generator | None = None) -> nn.Module:
+    """The MLP with weights ~ N(0, init_std^2) and zero biases, drawn from `generator`."""
+    model = ScratchMLP(hidden, activation) if impl == "scratch" else module_mlp(hidden, activation)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.split(".")[-1].startswith(("W", "weight")):
+                parameter.normal_(0.0, init_std, generator=generator)
+            else:
+                parameter.zero_()
+    return model
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy weights between the two forms (nn.Linear stores W transposed)."""
+    transpose = isinstance(source, ScratchMLP) != isinstance(target, ScratchMLP)
+    with torch.no_grad():
+        for source_param, target_param in zip(source.parameters(), target.parameters()):
+            target_param.copy_(source_param.T if transpose and source_param.dim() == 2 else source_param)
+
+
+def save(model: nn.Module, path: Path, architecture: dict) -> None:
+    """The state dict (loads with weights_only=True) and, beside it, the architecture as JSON."""
+    with atomic_file(path) as temp:
+        torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, temp)
+    write_json(path.with_suffix(".json"), architecture)
+
+
+def load(path: Path) -> nn.Module:
+    """Rebuild a saved model; never unpickles anything but tensors."""
+    architecture = read_json(path.with_suffix(".json"))
+    if architecture.get("diverged"):
+        raise PipelineError(f"{path}: the training diverged, so no model was saved")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise PipelineError(f"refusing to load {path}: {str(error).strip().splitlines()[0]}") from None
+    model = build(architecture["impl"], tuple(architecture["hidden"]), architecture["activation"], 1.0)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise PipelineError(f"{path}: weights do not fit {architecture}: {str(error).splitlines()[0]}") from None
+    return model
