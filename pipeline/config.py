@@ -1,6 +1,7 @@
 """The only reader of params.yaml: frozen dataclasses, every key and value checked before any work."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import typing
@@ -165,7 +166,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{key}: got {value!r}, expected a list")
         return tuple(_convert(item, args[0], f"{key}[{index}]") for index, item in enumerate(value))
-    if origin in (Mapping, dict) or hint is Mapping:
+    if origin in (collections.abc.Mapping, dict):
         value = _expect_mapping(value if value is not None else {}, key)
         return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     return _convert_scalar(value, hint, key)

@@ -85,9 +85,10 @@ def http_get(url: str, timeout_s: float) -> bytes:
     chunks, received = [], 0
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+            # http.client's own parse of Content-Length: None when absent, chunked, or malformed ("10, 10")
+            total = response.length or 0
             progress = Progress(url, total)
-            while chunk := response.read(CHUNK_BYTES):
+            while chunk := response.read1(CHUNK_BYTES):  # what has arrived, so a stall reports the bytes so far
                 chunks.append(chunk)
                 received += len(chunk)
                 progress.update(received)

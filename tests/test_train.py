@@ -1,0 +1,112 @@
+"""The training loop: same result as a plain reference loop, deterministic, divergence and resume."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import config, model as mlp, train
+from pipeline.errors import PipelineError
+from tests.conftest import REPO, make_split
+
+
+@pytest.fixture(scope="module")
+def data():
+    def flat(split):
+        images, labels = split
+        return images.reshape(len(images), -1).float() / 255, labels.long()
+    return flat(make_split(512, seed=3)), flat(make_split(128, seed=4))
+
+
+def params(**overrides) -> config.TrainParams:
+    defaults = config.load(REPO / "params.yaml").train
+    return dataclasses.replace(defaults, **{"epochs": 3, "batch_size": 64, "device": "cpu", **overrides})
+
+
+def reference_epoch(net, images, labels, order, batch_size, lr):
+    """The plainest SGD loop: slice, forward, mean loss, backward, p -= lr * grad."""
+    losses = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        loss = F.cross_entropy(net(images[batch]), labels[batch])
+        net.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for parameter in net.parameters():
+                parameter -= lr * parameter.grad
+        losses.append(loss.item() * len(batch))
+    return losses
+
+
+@pytest.mark.parametrize("impl", ["module", "scratch"])
+def test_optimized_epoch_matches_a_plain_reference_loop(data, impl):
+    (images, labels), _ = data
+    fast = mlp.build(impl, (256,), "relu", 0.01, torch.Generator().manual_seed(0))
+    plain = mlp.build(impl, (256,), "relu", 0.01, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
+    step_losses, correct = train.train_epoch(fast, optimizer, images, labels, 64, torch.Generator().manual_seed(5))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
+    expected = reference_epoch(plain, images, labels, order, 64, 0.1)
+    torch.testing.assert_close(step_losses, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    for fast_param, plain_param in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(fast_param, plain_param, rtol=1e-5, atol=1e-6)
+    assert 0 < correct.item() <= len(labels)
+
+
+def test_same_seed_gives_identical_history_on_cpu(data):
+    first, second = (train.run(params(), *data).history for _ in range(2))
+    strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+    assert strip(first) == strip(second)
+    assert first[-1]["test_accuracy"] > 0.5  # the tiny data is learnable: the loop really trains
+
+
+def test_other_seed_gives_another_history(data):
+    assert train.run(params(seed=1), *data).history[0]["train_loss"] != train.run(params(seed=2), *data).history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("overrides", [{"lr": 1e4}, {"lr": 1e5}])
+def test_divergence_is_recorded_not_raised(data, overrides):
+    result = train.run(params(**overrides), *data)
+    assert result.diverged is not None
+    assert result.diverged["epoch"] >= 1 and result.diverged["step"] >= 1
+    assert len(result.history) == result.diverged["epoch"] - 1
+    metrics = train.summary("x", result, "run")
+    assert metrics["diverged"] is True and metrics["diverged_epoch"] == result.diverged["epoch"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adagrad", "rmsprop"])
+def test_every_optimizer_trains(data, optimizer):
+    lr = 0.1 if optimizer in ("sgd", "adagrad") else 0.001
+    history = train.run(params(optimizer=optimizer, lr=lr, epochs=2), *data).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"] or history[-1]["test_accuracy"] > 0.5
+
+
+def test_interrupted_run_resumes_bit_identical(data, tmp_path):
+    uninterrupted = train.run(params(epochs=4), *data).history
+    checkpoint = tmp_path / "ckpt.pt"
+
+    def stop_after_two(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt  # after epoch 2's checkpoint, before epoch 3's
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params(epochs=4), *data, checkpoint=checkpoint, report=stop_after_two)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    resumed = train.run(params(epochs=4), *data, checkpoint=checkpoint).history
+    strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+    assert strip(resumed) == strip(uninterrupted)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
+    checkpoint = tmp_path / "ckpt.pt"
+    train.run(params(epochs=1), *data, checkpoint=checkpoint)
+    result = train.run(params(epochs=1, lr=0.05), *data, checkpoint=checkpoint)
+    assert len(result.history) == 1 and result.history[0]["epoch"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(PipelineError, match="train.device: got 'cuda', but this machine has no cuda device"):
+        train.resolve_device("cuda")
+    assert train.resolve_device("auto").type in ("cpu", "mps")
