@@ -104,7 +104,7 @@ def draw_curves(path: Path, rows: dict[str, dict]) -> None:
     plt.close(figure)
 
 
-def register_champion(name: str, run_id: str, registered_model: str) -> str:
+def register_champion(name: str, train_metrics: dict, registered_model: str) -> str:
     """Register the champion's model and point the alias at it; reuse the version if it is already there."""
     import mlflow
     from mlflow import MlflowClient
@@ -112,11 +112,11 @@ def register_champion(name: str, run_id: str, registered_model: str) -> str:
     client = MlflowClient()
     try:
         current = client.get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
-        if current.run_id == run_id:
+        if current.run_id == train_metrics["mlflow_run_id"]:
             return current.version
     except mlflow.exceptions.MlflowException:
         pass  # no such model or alias yet
-    version = mlflow.register_model(f"runs:/{run_id}/model", registered_model, tags={"variant": name}).version
+    version = mlflow.register_model(train_metrics["mlflow_model_uri"], registered_model, tags={"variant": name}).version
     client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     return version
 
@@ -146,7 +146,7 @@ def main() -> None:
         mlflow.log_artifact(str(args.curves))
         mlflow.log_dict(result, "compare.json")
         if best is not None:
-            version = register_champion(best, rows[best]["train"]["mlflow_run_id"], params.mlflow.registered_model)
+            version = register_champion(best, rows[best]["train"], params.mlflow.registered_model)
             mlflow.set_tags({"champion": best, "champion_version": version})
             result["champion_version"] = int(version)
         result["mlflow_run_id"] = mlflow_run.info.run_id

@@ -172,7 +172,7 @@ def summary(variant: str, result: TrainResult, run_id: str) -> dict:
             **{key: last.get(key) for key in HISTORY_COLUMNS[1:5]},
             "train_seconds": sum(record["seconds"] for record in result.history),
             "epoch_seconds_median": statistics.median([r["seconds"] for r in result.history]) if result.history else None,
-            "device": result.device, "mlflow_run_id": run_id}
+            "device": result.device, "mlflow_run_id": run_id, "mlflow_model_uri": None}
 
 
 def history_csv(history: list[dict]) -> str:
@@ -189,7 +189,7 @@ def print_epoch(record: dict) -> None:
           f"test acc {record['test_accuracy']:.4f}  {record['seconds']:.2f} s", flush=True)
 
 
-def log_model(net: nn.Module, example: torch.Tensor) -> None:
+def log_model(net: nn.Module, example: torch.Tensor) -> str:
     """The model in MLflow's pytorch flavor, with signature and input example (pt2 needs the example)."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
@@ -199,8 +199,10 @@ def log_model(net: nn.Module, example: torch.Tensor) -> None:
     with torch.no_grad():
         signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
     # Naming the requirements skips MLflow's inference of them, which costs seconds per call.
-    mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example,
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    # The default pt2 format (torch.export) costs ~4 s per model but loads without unpickling code.
+    info = mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example,
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return info.model_uri
 
 
 @stage_entry
@@ -234,14 +236,14 @@ def main() -> None:
         result = run(train_params, train_data, test_data, args.checkpoint, report)
         mlflow.set_tag("device", result.device)
         metrics = summary(args.variant, result, mlflow_run.info.run_id)
-        write_outputs(args, train_params, result, metrics)
         mlflow.log_metrics({"diverged": float(result.diverged is not None), "train_seconds": metrics["train_seconds"]})
-        mlflow.log_artifact(str(args.history))
         if result.diverged:
             mlflow.set_tags({"diverged": "true", "diverged_epoch": result.diverged["epoch"],
                              "diverged_step": result.diverged["step"]})
         else:
-            log_model(result.model, train_data[0][:2])
+            metrics["mlflow_model_uri"] = log_model(result.model, train_data[0][:2])
+        write_outputs(args, train_params, result, metrics)
+        mlflow.log_artifact(str(args.history))
     if args.checkpoint is not None and args.checkpoint.exists():
         os.unlink(args.checkpoint)
 

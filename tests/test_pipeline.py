@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -10,6 +11,11 @@ from tests.conftest import copy_repo, edit_params, run_tool, tiny_params, tool_e
 
 DATA_STAGES = ["download", "prepare"]
 VARIANT_STAGES = ["train@base", "train@scratch", "evaluate@base", "evaluate@scratch"]
+
+
+def commit_all(repo, message: str) -> None:
+    run_tool(["git", "add", "-A"], repo)
+    run_tool(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)
 
 
 def stages_run(output: str) -> list[str]:
@@ -23,6 +29,7 @@ def pipeline(tmp_path_factory, tiny_dataset, mlflow_server):
     edit_params(repo, tiny_params(tiny_dataset))
     env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
     first = run_tool(["dvc", "repro"], repo, env)
+    commit_all(repo, "trained")
     return {"repo": repo, "env": env, "uri": mlflow_server, "first": first.stdout}
 
 
@@ -104,3 +111,29 @@ def test_changing_one_variant_reruns_only_it_and_compare(pipeline, client):
     assert stages_run(output) == ["train@scratch", "evaluate@scratch", "compare"]
     status = run_tool(["dvc", "status"], pipeline["repo"], pipeline["env"]).stdout
     assert "up to date" in status
+
+
+def report(pipeline, *args: str):
+    return run_tool([sys.executable, "-m", "pipeline.report", *args], pipeline["repo"], pipeline["env"], check=False)
+
+
+def test_report_shows_params_and_metrics_diff_against_the_base(pipeline):
+    result = report(pipeline, "--base", "HEAD")  # after the variant change above, uncommitted
+    assert result.returncode == 0, result.stderr
+    assert "**PASS**" in result.stdout
+    params_section = result.stdout.split("## Params changed")[1].split("## Metrics changed")[0]
+    assert "variants.scratch.lr" in params_section and "0.05" in params_section
+    metrics_section = result.stdout.split("## Metrics changed")[1].split("## Variants")[0]
+    assert "results/scratch/train.json" in metrics_section and "results/base/train.json" not in metrics_section
+    assert "| scratch |" in result.stdout and "Champion: **" in result.stdout
+
+
+def test_report_fails_when_no_variant_passes_unless_told_not_to(pipeline):
+    commit_all(pipeline["repo"], "scratch lr 0.05")
+    edit_params(pipeline["repo"], lambda params: params["evaluate"].update(max_train_loss=1e-9))
+    output = run_tool(["dvc", "repro"], pipeline["repo"], pipeline["env"]).stdout
+    assert "compare" in stages_run(output) and not any(stage.startswith("train") for stage in stages_run(output))
+    failing = report(pipeline, "--base", "HEAD")
+    assert failing.returncode == 1 and "no variant passes its gates" in failing.stdout
+    assert "evaluate.max_train_loss" in failing.stdout
+    assert report(pipeline, "--base", "HEAD", "--no-fail").returncode == 0
