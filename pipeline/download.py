@@ -41,9 +41,9 @@ def run(spec: DatasetSpec, out_dir: Path, timeout_s: float) -> dict[str, dict]:
 def fetch_verified(spec: DatasetSpec, kind: str, timeout_s: float) -> tuple[bytes, str]:
     """The decompressed, verified bytes of one file, from the first source that has them."""
     filename, failures = FILE_KINDS[kind], []
-    for source in spec.sources:
+    for where in candidates(spec.sources, filename):
         try:
-            where, raw = read_source(source, filename, timeout_s)
+            raw = read_source(where, timeout_s)
             data = idx.decompress(raw, where)
             verify(data, spec, kind, where)
             print(f"{filename}: verified from {where}", file=sys.stderr)
@@ -65,18 +65,31 @@ def verify(data: bytes, spec: DatasetSpec, kind: str, where: str) -> None:
         raise idx.IdxError(f"{where}: sha256 {actual}, expected {spec.sha256[kind]}")
 
 
-def read_source(source: str, filename: str, timeout_s: float) -> tuple[str, bytes]:
-    """Bytes of `filename` (or `filename.gz`) from a local directory or an HTTP(S) base URL."""
-    if source.startswith(("http://", "https://")):
-        url = source.rstrip("/") + f"/{filename}.gz"
-        return url, http_get(url, timeout_s)
-    for candidate in (Path(source) / filename, Path(source) / f"{filename}.gz"):
-        if candidate.is_file():
-            try:
-                return str(candidate), candidate.read_bytes()
-            except OSError as error:
-                raise SourceError(f"{candidate}: {error.strerror}") from None
-    raise SourceError(f"{Path(source) / filename}[.gz]: no such file")
+def candidates(sources: tuple[str, ...], filename: str) -> list[str]:
+    """Where to look, in order: a mirror's `<name>.gz`; a directory's `<name>` and then `<name>.gz`
+    (both, since an extracted copy may have been cut short by a crash while the archive is fine)."""
+    where = []
+    for source in sources:
+        if is_url(source):
+            where.append(source.rstrip("/") + f"/{filename}.gz")
+        else:
+            found = [str(path) for path in (Path(source) / filename, Path(source) / f"{filename}.gz") if path.is_file()]
+            where += found or [str(Path(source) / f"{filename}[.gz]")]
+    return where
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def read_source(where: str, timeout_s: float) -> bytes:
+    """The bytes at a URL or a local path."""
+    if is_url(where):
+        return http_get(where, timeout_s)
+    try:
+        return Path(where).read_bytes()
+    except OSError as error:
+        raise SourceError(f"{where}: {error.strerror}") from None
 
 
 def http_get(url: str, timeout_s: float) -> bytes:

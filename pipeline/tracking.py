@@ -36,8 +36,9 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
     uri = tracking_uri()
     tags = {"stage": stage, "git_commit": git_commit(), **({"variant": variant} if variant else {})}
     try:
-        mlflow.set_tracking_uri(uri)
-        _use_experiment(mlflow, experiment, uri)
+        with _embedded_store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            _use_experiment(mlflow, experiment, uri)
         if run_id is None:
             run = mlflow.start_run(run_name=f"{stage}@{variant}" if variant else stage, tags=tags)
         else:  # a later stage adding to the run that produced its inputs
@@ -54,6 +55,23 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def _embedded_store_lock(uri: str) -> Iterator[None]:
+    """Serialize first contact with an SQLite store: MLflow creates and migrates its tables then,
+    and two stages doing that at once (dvc exp run --jobs 2, or two shells) corrupt the migration."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _use_experiment(mlflow: Any, name: str, uri: str) -> None:
