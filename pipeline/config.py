@@ -59,7 +59,7 @@ class MlflowParams:
 @dataclass(frozen=True)
 class TrainParams:
     impl: Literal["module", "scratch"]
-    hidden: tuple[int, ...]
+    hidden: tuple[int, ...] = _bound("a list of integers >= 1", lambda sizes: all(size >= 1 for size in sizes))
     activation: Literal["relu", "sigmoid", "tanh", "leaky_relu"]
     init_std: float = _positive()
     optimizer: Literal["sgd", "adam", "adagrad", "rmsprop"]

@@ -56,6 +56,19 @@ def write_text(path: Path, text: str) -> None:
         temp.write_text(text)
 
 
+def write_torch(path: Path, value: Any) -> None:
+    """torch.save, atomically. Serialized in memory first: torch reports a failed write (full disk)
+    as an obscure RuntimeError from its zip writer, Python's own write as a plain OSError."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    with atomic_file(path) as temp:
+        temp.write_bytes(buffer.getbuffer())
+
+
 def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 

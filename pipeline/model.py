@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_file, read_json, write_json
+from pipeline.files import read_json, write_json, write_torch
 
 INPUTS, OUTPUTS = 784, 10
 
@@ -87,8 +87,7 @@ def copy_weights(source: nn.Module, target: nn.Module) -> None:
 
 def save(model: nn.Module, path: Path, architecture: dict) -> None:
     """The state dict (loads with weights_only=True) and, beside it, the architecture as JSON."""
-    with atomic_file(path) as temp:
-        torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, temp)
+    write_torch(path, {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
     write_json(path.with_suffix(".json"), architecture)
 
 

@@ -13,7 +13,7 @@ import torch
 from pipeline import config, idx
 from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError, stage_entry
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import atomic_dir, write_json, write_torch
 
 
 def run(raw_dir: Path, out_dir: Path, normalize: bool) -> dict:
@@ -26,7 +26,7 @@ def run(raw_dir: Path, out_dir: Path, normalize: bool) -> dict:
         for split, (images, labels) in splits.items():
             if normalize:
                 images.sub_(mean).div_(std)
-            torch.save({"images": images, "labels": labels}, temp / f"{split}.pt")
+            write_torch(temp / f"{split}.pt", {"images": images, "labels": labels})
     train_labels = splits["train"][1]
     return {"normalize": normalize, "mean": mean, "std": std,
             "train_count": len(train_labels), "test_count": len(splits["test"][1]),

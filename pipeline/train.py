@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import config, model as mlp
 from pipeline.errors import PipelineError, stage_entry
-from pipeline.files import atomic_file, write_json, write_text
+from pipeline.files import write_json, write_text, write_torch
 from pipeline.prepare import load_prepared
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
@@ -137,8 +137,7 @@ def save_checkpoint(path: Path, fingerprint: str, epoch: int, net: nn.Module,
                     optimizer: torch.optim.Optimizer, shuffle: torch.Generator, history: list[dict]) -> None:
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
              "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(), "history": history}
-    with atomic_file(path) as temp:
-        torch.save(state, temp)
+    write_torch(path, state)
 
 
 def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch.optim.Optimizer,
@@ -240,16 +239,18 @@ def main() -> None:
         if result.diverged:
             mlflow.set_tags({"diverged": "true", "diverged_epoch": result.diverged["epoch"],
                              "diverged_step": result.diverged["step"]})
-        else:
+        # The model file first: a full disk or read-only directory fails here, with our message.
+        write_outputs(args, train_params, result)
+        if not result.diverged:
             metrics["mlflow_model_uri"] = log_model(result.model, train_data[0][:2])
-        write_outputs(args, train_params, result, metrics)
+        write_json(args.metrics, metrics)
         mlflow.log_artifact(str(args.history))
     if args.checkpoint is not None and args.checkpoint.exists():
         os.unlink(args.checkpoint)
 
 
-def write_outputs(args: argparse.Namespace, params: config.TrainParams, result: TrainResult, metrics: dict) -> None:
-    """Model (only when finite), its architecture, history and metrics; diverged runs say so instead."""
+def write_outputs(args: argparse.Namespace, params: config.TrainParams, result: TrainResult) -> None:
+    """Model (only when finite), its architecture and the history; diverged runs say so instead."""
     architecture = {"impl": params.impl, "hidden": list(params.hidden), "activation": params.activation,
                     "inputs": mlp.INPUTS, "outputs": mlp.OUTPUTS, "diverged": result.diverged is not None}
     if result.diverged:
@@ -259,7 +260,6 @@ def write_outputs(args: argparse.Namespace, params: config.TrainParams, result: 
     else:
         mlp.save(result.model, args.model, architecture)
     write_text(args.history, history_csv(result.history))
-    write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":

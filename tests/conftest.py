@@ -94,11 +94,11 @@ def edit_params(repo: Path, change) -> None:
 
 
 def tiny_params(tiny: dict, epochs: int = 2) -> callable:
-    """Params for the tiny dataset: its own hashes, one local source, two short variants."""
+    """Params for the tiny dataset: its own hashes, one local source, two short variants and one that diverges."""
     def change(params: dict) -> None:
         params["data"].update(dataset="tiny", sources=[str(tiny["dir"])], sha256=tiny["sha256"])
-        params["train"].update(epochs=epochs, batch_size=64, device="cpu")
-        params["variants"] = {"base": {"init_std": 0.01}, "scratch": {"impl": "scratch"}}
+        params["train"].update(epochs=epochs, batch_size=64, device="auto")
+        params["variants"] = {"base": {"init_std": 0.01}, "scratch": {"impl": "scratch"}, "exploding": {"lr": 1e5}}
     return change
 
 

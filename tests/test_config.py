@@ -41,6 +41,7 @@ def test_repo_params_load_with_the_d2l_defaults():
     (lambda p: p["train"].update(activation="gelu"), "train.activation: got 'gelu', expected one of"),
     (lambda p: p["train"].update(optimizer="lbfgs"), "train.optimizer: got 'lbfgs', expected one of"),
     (lambda p: p["train"].update(hidden=[256, "x"]), "train.hidden[1]: got 'x', expected an integer"),
+    (lambda p: p["train"].update(hidden=[0]), "train.hidden: got [0], expected a list of integers >= 1"),
     (lambda p: p["prepare"].update(normalize="yes"), "prepare.normalize: got 'yes', expected true or false"),
     (lambda p: p["variants"]["d2l"].update(learning_rat=1), "variants.d2l.learning_rat: unknown key"),
     (lambda p: p["variants"]["d2l"].update(epochs=0), "variants.d2l.epochs: got 0, expected an integer >= 1"),

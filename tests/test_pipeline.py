@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import copy_repo, edit_params, run_tool, tiny_params, tool_env
 
 DATA_STAGES = ["download", "prepare"]
-VARIANT_STAGES = ["train@base", "train@scratch", "evaluate@base", "evaluate@scratch"]
+VARIANT_STAGES = [f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")]
 
 
 def commit_all(repo, message: str) -> None:
@@ -61,13 +61,29 @@ def test_first_repro_runs_every_stage_and_writes_outputs(pipeline):
 def test_every_stage_logged_one_tagged_run(pipeline, client):
     runs = runs_by_name(client)
     assert {"download", "prepare", "train@base", "train@scratch", "compare"} <= set(runs)
-    commit = run_tool(["git", "rev-parse", "HEAD"], pipeline["repo"]).stdout.strip()
+    commit = run_tool(["git", "rev-parse", "HEAD~1"], pipeline["repo"]).stdout.strip()  # HEAD is "trained"
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert run.data.tags["git_commit"] == commit
     assert runs["download"].data.params["train_images.sha256"] == json.loads(
         (pipeline["repo"] / "data/raw/tiny.json").read_text())["files"]["train_images"]["sha256"]
     assert runs["train@scratch"].data.tags["variant"] == "scratch"
+    assert runs["train@base"].data.tags["device"] == "cpu"  # device: auto on a machine without a GPU
+
+
+def test_diverged_variant_is_a_result_and_compare_still_runs(pipeline, client):
+    repo = pipeline["repo"]
+    train = json.loads((repo / "results/exploding/train.json").read_text())
+    assert train["diverged"] is True and train["diverged_epoch"] == 1 and train["diverged_step"] >= 1
+    assert not (repo / "models/exploding/model.pt").exists()
+    assert json.loads((repo / "models/exploding/model.json").read_text())["diverged"] is True
+    evaluation = json.loads((repo / "results/exploding/eval.json").read_text())
+    assert evaluation["passed"] is False and evaluation["test_accuracy"] is None
+    assert "FAIL: diverged at epoch 1" in (repo / "reports/compare.md").read_text()
+    summary = json.loads((repo / "reports/compare.json").read_text())
+    assert summary["champion"] in ("base", "scratch")
+    run = runs_by_name(client)["train@exploding"]
+    assert run.data.tags["diverged"] == "true" and run.data.metrics["diverged"] == 1.0
 
 
 def test_variant_run_holds_params_step_metrics_and_evaluation(pipeline, client):
