@@ -1,0 +1,65 @@
+"""dvc.yaml stays honest: each stage depends on every pipeline/ module it imports, and on nothing stale."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
+    """pipeline/ modules that `module` imports, transitively (including lazy imports inside functions)."""
+    seen = seen if seen is not None else set()
+    if module in seen:
+        return seen
+    seen.add(module)
+    tree = ast.parse((REPO / "pipeline" / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            names = [node.module.split(".")[1]]
+        elif isinstance(node, ast.Import):
+            names = [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")]
+        for name in names:
+            if (REPO / "pipeline" / f"{name}.py").exists():
+                imported_modules(name, seen)
+    return seen
+
+
+def stages() -> list[tuple[str, dict]]:
+    return [(name, stage.get("do", stage)) for name, stage in DVC_YAML["stages"].items()]
+
+
+@pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
+def test_stage_deps_list_exactly_the_modules_it_imports(name, stage):
+    module = re.search(r"python -m pipeline\.(\w+)", stage["cmd"]).group(1)
+    expected = {f"pipeline/{imported}.py" for imported in imported_modules(module)}
+    listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
+    assert listed == expected
+
+
+@pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
+def test_stage_deps_exist_or_are_outputs_of_other_stages(name, stage):
+    for dep in stage["deps"]:
+        if "${" not in dep and not dep.startswith(("results", "models", "data")):
+            assert (REPO / dep).exists(), dep
+
+
+def test_variant_stages_iterate_over_the_variants_in_params():
+    assert DVC_YAML["stages"]["train"]["foreach"] == "${variants}"
+    assert DVC_YAML["stages"]["evaluate"]["foreach"] == "${variants}"
+    assert "variants" in DVC_YAML["stages"]["compare"]["params"]
+
+
+def test_every_stage_module_has_a_main():
+    for _, stage in stages():
+        module = re.search(r"python -m pipeline\.(\w+)", stage["cmd"]).group(1)
+        assert "def main()" in (REPO / "pipeline" / f"{module}.py").read_text()
