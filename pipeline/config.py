@@ -36,6 +36,10 @@ def _fraction() -> Any:
     return _bound("a number between 0 and 1", lambda value: 0 <= value <= 1)
 
 
+def _non_negative() -> Any:
+    return _bound("a number >= 0", lambda value: value >= 0)
+
+
 @dataclass(frozen=True)
 class DataParams:
     dataset: str
@@ -78,6 +82,32 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class LinregParams:
+    true_w: tuple[float, ...] = _bound("a non-empty list of numbers", lambda weights: len(weights) >= 1)
+    true_b: float
+    noise_std: float = _non_negative()
+    examples: int = _at_least(1)
+    batch_size: int = _at_least(1)
+    lr: float = _positive()
+    epochs: int = _at_least(1)
+    seed: int = _at_least(0)
+
+
+@dataclass(frozen=True)
+class SpiralParams:
+    classes: int = _at_least(2)
+    points_per_class: int = _at_least(2)
+    noise: float = _non_negative()
+    test_fraction: float = _bound("a number > 0 and < 1", lambda value: 0 < value < 1)
+    activations: tuple[Literal["relu", "sigmoid", "tanh", "leaky_relu"], ...] = _bound(
+        "a non-empty list without repeats", lambda names: 0 < len(names) == len(set(names)))
+    hidden: int = _at_least(1)
+    lr: float = _positive()
+    steps: int = _at_least(1)
+    seed: int = _at_least(0)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     prepare: PrepareParams
@@ -85,6 +115,8 @@ class Params:
     train: TrainParams
     variants: Mapping[str, TrainParams]
     evaluate: EvaluateParams
+    linreg: LinregParams
+    spiral: SpiralParams
 
     def variant(self, name: str) -> TrainParams:
         if name not in self.variants:
@@ -107,6 +139,8 @@ def load(path: Path = DEFAULT_PARAMS) -> Params:
         train=build(TrainParams, raw["train"], "train"),
         variants=_build_variants(raw["train"], raw["variants"]),
         evaluate=build(EvaluateParams, raw["evaluate"], "evaluate"),
+        linreg=build(LinregParams, raw["linreg"], "linreg"),
+        spiral=build(SpiralParams, raw["spiral"], "spiral"),
     )
 
 
