@@ -115,13 +115,23 @@ class Params:
     train: TrainParams
     variants: Mapping[str, TrainParams]
     evaluate: EvaluateParams
-    linreg: LinregParams
-    spiral: SpiralParams
+    # Optional: a params file for another pipeline (lessons/mnist/params.yaml) leaves the lessons out.
+    linreg: LinregParams | None
+    spiral: SpiralParams | None
+
+    def section(self, name: str) -> Any:
+        """An optional section that a stage needs."""
+        if getattr(self, name) is None:
+            raise ParamsError(f"{name}: missing key")
+        return getattr(self, name)
 
     def variant(self, name: str) -> TrainParams:
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant; expected one of {sorted(self.variants)}")
         return self.variants[name]
+
+
+OPTIONAL_SECTIONS = ("linreg", "spiral")
 
 
 def load(path: Path = DEFAULT_PARAMS) -> Params:
@@ -131,7 +141,7 @@ def load(path: Path = DEFAULT_PARAMS) -> Params:
     except (OSError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: cannot read: {' '.join(str(error).split())}") from None
     raw = _expect_mapping(raw, "params.yaml")
-    _check_keys(raw, [f.name for f in dataclasses.fields(Params)], "", optional=())
+    _check_keys(raw, [f.name for f in dataclasses.fields(Params)], "", optional=OPTIONAL_SECTIONS)
     return Params(
         data=_check_data(build(DataParams, raw["data"], "data")),
         prepare=build(PrepareParams, raw["prepare"], "prepare"),
@@ -139,8 +149,8 @@ def load(path: Path = DEFAULT_PARAMS) -> Params:
         train=build(TrainParams, raw["train"], "train"),
         variants=_build_variants(raw["train"], raw["variants"]),
         evaluate=build(EvaluateParams, raw["evaluate"], "evaluate"),
-        linreg=build(LinregParams, raw["linreg"], "linreg"),
-        spiral=build(SpiralParams, raw["spiral"], "spiral"),
+        linreg=build(LinregParams, raw["linreg"], "linreg") if "linreg" in raw else None,
+        spiral=build(SpiralParams, raw["spiral"], "spiral") if "spiral" in raw else None,
     )
 
 

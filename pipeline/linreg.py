@@ -114,17 +114,18 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()
     params = config.load(args.params)
+    linreg_params = params.section("linreg")
     with tracking.stage_run("linreg", params.mlflow.experiment) as mlflow_run:
         import mlflow
 
-        mlflow.log_params(dataclasses.asdict(params.linreg))
+        mlflow.log_params(dataclasses.asdict(linreg_params))
 
         def report(epoch: int, loss: float) -> None:
             print(f"epoch {epoch}, loss {loss:.6f}", flush=True)
             mlflow.log_metric("loss", loss, step=epoch)
 
-        result = run(params.linreg, report)
-        metrics = summary(params.linreg, result, mlflow_run.info.run_id)
+        result = run(linreg_params, report)
+        metrics = summary(linreg_params, result, mlflow_run.info.run_id)
         mlflow.log_metrics({"b": metrics["b"], "b_error": metrics["b_error"],
                             **{f"w_{index}": value for index, value in enumerate(metrics["w"])},
                             **{f"w_{index}_error": value for index, value in enumerate(metrics["w_error"])}})

@@ -196,11 +196,12 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()
     params = config.load(args.params)
+    spiral_params = params.section("spiral")
     with tracking.stage_run("spiral", params.mlflow.experiment) as mlflow_run:
         import mlflow
 
-        mlflow.log_params(dataclasses.asdict(params.spiral))
-        result = run(params.spiral)
+        mlflow.log_params(dataclasses.asdict(spiral_params))
+        result = run(spiral_params)
         metrics = summary(result, mlflow_run.info.run_id)
         for name, figures in metrics["models"].items():
             print(f"{name:>10}: final loss {figures['final_loss']:.4f}  train acc {figures['train_accuracy']:.4f}  "

@@ -11,6 +11,7 @@ import yaml
 from tests.conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+MNIST_YAML = yaml.safe_load((REPO / "lessons/mnist/dvc.yaml").read_text())
 
 
 def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
@@ -35,7 +36,9 @@ def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
 
 
 def stages() -> list[tuple[str, dict]]:
-    return [(name, stage.get("do", stage)) for name, stage in DVC_YAML["stages"].items()]
+    return [(f"{prefix}{name}", stage.get("do", stage))
+            for prefix, pipeline in (("", DVC_YAML), ("mnist:", MNIST_YAML))
+            for name, stage in pipeline["stages"].items()]
 
 
 @pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
@@ -49,14 +52,25 @@ def test_stage_deps_list_exactly_the_modules_it_imports(name, stage):
 @pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
 def test_stage_deps_exist_or_are_outputs_of_other_stages(name, stage):
     for dep in stage["deps"]:
-        if "${" not in dep and not dep.startswith(("results", "models", "data")):
+        if "${" not in dep and not dep.startswith(("results", "models", "data", "lessons/mnist/")):
             assert (REPO / dep).exists(), dep
 
 
 def test_variant_stages_iterate_over_the_variants_in_params():
-    assert DVC_YAML["stages"]["train"]["foreach"] == "${variants}"
-    assert DVC_YAML["stages"]["evaluate"]["foreach"] == "${variants}"
+    for pipeline in (DVC_YAML, MNIST_YAML):
+        assert pipeline["stages"]["train"]["foreach"] == "${variants}"
+        assert pipeline["stages"]["evaluate"]["foreach"] == "${variants}"
     assert "variants" in DVC_YAML["stages"]["compare"]["params"]
+    assert "variants" in MNIST_YAML["stages"]["compare"]["params"][0]["lessons/mnist/params.yaml"]
+
+
+def test_mnist_stages_read_the_mnist_params_and_write_under_lessons():
+    for name, stage in MNIST_YAML["stages"].items():
+        stage = stage.get("do", stage)
+        assert "--params lessons/mnist/params.yaml" in stage["cmd"] and stage["wdir"] == "../.."
+        for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = next(iter(out)) if isinstance(out, dict) else out
+            assert path.startswith("lessons/mnist/"), (name, path)
 
 
 def test_every_stage_module_has_a_main():

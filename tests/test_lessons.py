@@ -109,12 +109,18 @@ def test_spiral_restores_the_thread_count():
     (lambda p: p["spiral"].update(activations=["relu", "relu"]),
      "spiral.activations: got ['relu', 'relu'], expected a non-empty list without repeats"),
     (lambda p: p["spiral"].update(hiden=64), "spiral.hiden: unknown key"),
-    (lambda p: p.pop("spiral"), "spiral: missing key"),
 ])
 def test_bad_lesson_params_name_the_key(tmp_path, change, message):
     with pytest.raises(config.ParamsError) as error:
         config.load(write_params(tmp_path, change))
     assert message in str(error.value)
+
+
+def test_a_stage_needs_its_optional_section(tmp_path):
+    params = config.load(write_params(tmp_path, lambda p: p.pop("spiral")))  # another pipeline's params file
+    assert params.spiral is None
+    with pytest.raises(config.ParamsError, match="^spiral: missing key$"):
+        params.section("spiral")
 
 
 @pytest.fixture(scope="module")
