@@ -67,6 +67,7 @@ class TrainParams:
     activation: Literal["relu", "sigmoid", "tanh", "leaky_relu"]
     init_std: float = _positive()
     optimizer: Literal["sgd", "adam", "adagrad", "rmsprop"]
+    loss: Literal["cross_entropy", "mse", "l1"]
     lr: float = _positive()
     batch_size: int = _at_least(1)
     epochs: int = _at_least(1)

@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import config, model as mlp
@@ -17,17 +16,18 @@ from pipeline.datasets import class_names
 from pipeline.errors import stage_entry
 from pipeline.files import atomic_file, read_json, write_json
 from pipeline.prepare import load_prepared
+from pipeline.losses import LOSSES
 
 
 @torch.inference_mode()
-def run(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
+def run(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: int, loss: str = "cross_entropy") -> dict:
     """Test loss, accuracy, the confusion matrix (rows: actual, columns: predicted) and per-class accuracy."""
     net.eval()
     logits = net(images)
     predicted = logits.argmax(1)
     confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
     rows = confusion.tolist()
-    return {"test_loss": F.cross_entropy(logits, labels).item(),
+    return {"test_loss": LOSSES[loss](logits, labels).item(),
             "test_accuracy": (predicted == labels).sum().item() / len(labels),
             "per_class_accuracy": [row[index] / max(sum(row), 1) for index, row in enumerate(rows)],
             "confusion": rows}
@@ -89,11 +89,11 @@ def main() -> None:
     parser.add_argument("--confusion-png", type=Path, required=True)
     args = parser.parse_args()
     params = config.load(args.params)
-    params.variant(args.variant)
     train_metrics = read_json(args.train_metrics)
     images, labels = load_prepared(args.data / "test.pt")
     names = class_names(params.data.dataset, int(labels.max()) + 1)
-    result = None if train_metrics["diverged"] else run(mlp.load(args.model), images, labels, len(names))
+    loss = params.variant(args.variant).loss
+    result = None if train_metrics["diverged"] else run(mlp.load(args.model), images, labels, len(names), loss)
     report = {"variant": args.variant, "diverged": train_metrics["diverged"],
               "test_loss": result and result["test_loss"], "test_accuracy": result and result["test_accuracy"],
               "per_class_accuracy": dict(zip(names, result["per_class_accuracy"])) if result else {},

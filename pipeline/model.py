@@ -14,8 +14,8 @@ INPUTS, OUTPUTS = 784, 10
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
-    """d2l's hand-written ReLU."""
-    return torch.max(x, torch.zeros_like(x))
+    """d2l's hand-written ReLU, max(x, 0); a 0-d zero broadcasts, so no zeros_like(x) is allocated and filled."""
+    return torch.max(x, x.new_zeros(()))
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +58,12 @@ class ScratchMLP(nn.Module):
 def module_mlp(hidden: tuple[int, ...], activation: str) -> nn.Sequential:
     """The concise form: Flatten, then Linear and activation layers."""
     sizes = (INPUTS, *hidden, OUTPUTS)
+    # (Leaky) ReLU may overwrite the Linear output: autograd keeps only its result, so each step
+    # allocates and writes one activation-sized tensor less.
+    options = {"inplace": True} if activation in ("relu", "leaky_relu") else {}
     layers: list[nn.Module] = [nn.Flatten()]
     for fan_in, fan_out in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), MODULE_ACTIVATIONS[activation]()]
+        layers += [nn.Linear(fan_in, fan_out), MODULE_ACTIVATIONS[activation](**options)]
     return nn.Sequential(*layers[:-1])
 
 

@@ -110,3 +110,16 @@ def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(PipelineError, match="train.device: got 'cuda', but this machine has no cuda device"):
         train.resolve_device("cuda")
     assert train.resolve_device("auto").type in ("cpu", "mps")
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_probability_losses_train_and_match_their_definition(data, loss):
+    from pipeline.losses import LOSSES
+
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    targets = F.one_hot(labels, 10).float()
+    distance = (logits.softmax(1) - targets) ** 2 if loss == "mse" else (logits.softmax(1) - targets).abs()
+    torch.testing.assert_close(LOSSES[loss](logits, labels), distance.sum(1).mean())
+    torch.testing.assert_close(LOSSES[loss](logits, labels, reduction="sum"), distance.sum())
+    history = train.run(params(loss=loss, lr=0.5), *data).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["test_accuracy"] > 0.5
