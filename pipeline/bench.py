@@ -1,16 +1,20 @@
 """Benchmark: our training epoch against the matrix multiplies it needs and against d2l's DataLoader pipeline.
 
-`python -m pipeline.bench [--quick] [--device auto|cpu|cuda]` times three things in one process, round by
-round so that drift hits all of them alike: d2l's pipeline (torchvision FashionMNIST + ToTensor, DataLoader
-with 4 workers, train epoch and test evaluation as the book writes them), our stage's own
-`train.train_epoch` + `train.evaluate` on the prepared tensors, and only the GEMMs such an epoch needs.
-The first round warms up; each figure is the median of the others. Prints a table, then one JSON line.
-On 2 CPU threads our epoch costs about 1.2x its GEMMs and runs 10-20x faster than d2l's pipeline.
+`python -m pipeline.bench [--quick] [--device auto|cpu|cuda]` times, in one process and round by round so
+that drift hits all alike, one epoch (train + test evaluation) of: d2l's pipeline (torchvision FashionMNIST +
+ToTensor, DataLoader with 4 workers, the loops as the book writes them); our stage's own `train.train_epoch`
++ `train.evaluate` on the prepared tensors; only the GEMMs such an epoch needs; and our epoch at hidden width
+1, whose GEMMs cost ~nothing, so it measures the per-step price of eager PyTorch. The first round warms up;
+each figure is the median of the others. Prints a table, then one JSON line.
+On 2 threads of an AMD EPYC VM our epoch takes ~0.5 s, 1.4-1.5x its GEMMs (the width-1 floor alone puts
+the bound at ~1.4x) and ~14x less than d2l's pipeline.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import statistics
 import struct
@@ -25,18 +29,20 @@ from torch import nn
 from pipeline import config, model as mlp, prepare, train
 from pipeline.datasets import FILE_KINDS
 from pipeline.errors import stage_entry
+from pipeline.losses import LOSSES
 
 EPOCHS = {"quick": 5, "full": 10}
 D2L_WORKERS = 4  # d2l's get_dataloader_workers()
 EVALUATE_BATCH = 10000  # train.evaluate's default, the one train.run uses
 SPLIT_COUNTS = {"train": 60000, "test": 10000}
+SPLITS = tuple(SPLIT_COUNTS)
 
 
-def write_synthetic_idx(directory: Path, counts: dict[str, int] = SPLIT_COUNTS, seed: int = 0) -> Path:
-    """Random uint8 images and labels 0-9 in the four IDX files, for a machine without the real data."""
+def write_synthetic_idx(directory: Path, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Random uint8 images and labels 0-9 in the four IDX files (Fashion-MNIST's sizes unless `counts` says)."""
     generator = torch.Generator().manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    for split, count in counts.items():
+    for split, count in (counts or SPLIT_COUNTS).items():
         images = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, 10, (count,), dtype=torch.uint8, generator=generator)
         for kind, array in (("images", images), ("labels", labels)):
@@ -56,25 +62,29 @@ def torchvision_root(raw_dir: Path, temp: Path) -> Path:
 
 def bench_data(raw_dir: Path, prepared_dir: Path, temp: Path, normalize: bool) -> tuple[Path, Path, str]:
     """Raw and prepared directories to use, and where they come from; generated when the real data is absent."""
+    source = str(raw_dir)
     if not all((raw_dir / name).is_file() for name in FILE_KINDS.values()):
-        raw_dir, prepared_dir, source = write_synthetic_idx(temp / "raw"), temp / "prepared", "synthetic"
-    else:
-        source = "real"
-    if not all((prepared_dir / f"{split}.pt").is_file() for split in SPLIT_COUNTS):
+        raw_dir, prepared_dir, source = write_synthetic_idx(temp / "raw"), temp / "prepared", "generated"
+    if not all((prepared_dir / f"{split}.pt").is_file() for split in SPLITS):
         prepared_dir = temp / "prepared"
         prepare.run(raw_dir, prepared_dir, normalize)
     return raw_dir, prepared_dir, source
 
 
 def timed(function: Callable[[], float | None], device: torch.device) -> tuple[float, float | None]:
-    """Wall time of one call; on CUDA the queue is drained before and after, so no work leaks across."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wall time of one call; on a GPU the queue is drained before and after, so no work leaks across."""
+    synchronize(device)
     started = time.perf_counter()
     result = function()
+    synchronize(device)
+    return time.perf_counter() - started, result
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - started, result
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def d2l_epoch(root: Path, device: torch.device, workers: int, seed: int) -> Callable[[], float]:
@@ -103,7 +113,7 @@ def d2l_epoch(root: Path, device: torch.device, workers: int, seed: int) -> Call
             updater.zero_grad()
             l.mean().backward()
             updater.step()
-            float(l.sum()), float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
+            float(l.detach().sum()), float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
         return d2l_evaluate_accuracy(net, test_iter, device)
     return epoch
 
@@ -131,10 +141,13 @@ def our_epoch(params: config.TrainParams, device: torch.device, train_data: tupl
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
     test_images, test_labels = (tensor.to(device) for tensor in test_data)
 
+    loss_function = LOSSES[params.loss]
+
     def epoch() -> float:
-        step_losses, correct = train.train_epoch(net, optimizer, train_images, train_labels, params.batch_size, shuffle)
+        step_losses, correct = train.train_epoch(net, optimizer, train_images, train_labels, params.batch_size,
+                                                 shuffle, loss_function)
         step_losses.tolist(), correct.item()
-        return train.evaluate(net, test_images, test_labels)[1]
+        return train.evaluate(net, test_images, test_labels, loss_function=loss_function)[1]
     return epoch, net
 
 
@@ -170,10 +183,10 @@ def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: 
     """Each round runs every pipeline's epoch once; returns the seconds per round and the last accuracies."""
     seconds = {name: [] for name in epochs}
     accuracy = {}
+    slow, *fast = epochs
     for index in range(rounds):
-        # Ours and the GEMMs run back to back in alternating order: a load that comes and goes hits both alike.
-        order = ["d2l", "ours", "gemm"] if index % 2 == 0 else ["d2l", "gemm", "ours"]
-        for name in order:
+        # The fast ones run back to back in alternating order: a load that comes and goes hits them alike.
+        for name in [slow, *(fast if index % 2 == 0 else fast[::-1])]:
             elapsed, result = timed(epochs[name], device)
             seconds[name].append(elapsed)
             if result is not None:
@@ -184,46 +197,79 @@ def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: 
 
 
 def summarize(seconds: dict[str, list[float]], accuracy: dict[str, float]) -> dict:
-    """Medians after the warm-up round, the two ratios taken from them, and both accuracies."""
+    """Medians after the warm-up round, the ratios taken from them, and both accuracies."""
     median = {name: statistics.median(values[1:] or values) for name, values in seconds.items()}
-    return {"epoch_s": round(median["ours"], 4), "gemm_bound_s": round(median["gemm"], 4),
-            "d2l_epoch_s": round(median["d2l"], 4),
-            "ratio_vs_gemm": round(median["ours"] / median["gemm"], 3),
-            "speedup_vs_d2l": round(median["d2l"] / median["ours"], 2),
+    return {"epoch_s": _digits(median["ours"]), "gemm_bound_s": _digits(median["gemm"]),
+            "d2l_epoch_s": _digits(median["d2l"]), "ratio_vs_gemm": _digits(median["ours"] / median["gemm"]),
+            "speedup_vs_d2l": _digits(median["d2l"] / median["ours"]), "floor_epoch_s": _digits(median["floor"]),
+            "ratio_floor": _digits((median["gemm"] + median["floor"]) / median["gemm"]),
             "epochs": len(seconds["ours"]), "measured_epochs": len(seconds["ours"][1:] or seconds["ours"]),
             "test_accuracy": accuracy["ours"], "d2l_test_accuracy": accuracy["d2l"],
-            "accuracy_gap_points": round(100 * (accuracy["ours"] - accuracy["d2l"]), 2),
-            "seconds": {name: [round(value, 4) for value in values] for name, values in seconds.items()}}
+            "accuracy_gap_points": _digits(100 * (accuracy["ours"] - accuracy["d2l"])),
+            "seconds": {name: [_digits(value) for value in values] for name, values in seconds.items()}}
+
+
+def _digits(value: float) -> float:
+    return float(f"{value:.5g}")
 
 
 def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir: Path, device_name: str,
         epochs: int, workers: int = D2L_WORKERS, report: Callable[[str], None] = print) -> dict:
-    """Time `epochs` interleaved epochs of the three pipelines; return the figures for the JSON line."""
+    """Time `epochs` interleaved epochs of the four pipelines; return the figures for the JSON line."""
     device = train.resolve_device(device_name)
+    load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure; our own runs add to it later
     with tempfile.TemporaryDirectory(prefix="bench.") as temp_name:
         temp = Path(temp_name)
         raw_dir, prepared_dir, source = bench_data(raw_dir, prepared_dir, temp, normalize)
-        train_data, test_data = (tuple(tensor.to(device) for tensor in prepare.load_prepared(prepared_dir / f"{split}.pt"))
-                                 for split in ("train", "test"))
+        train_data, test_data = (_on(device, prepare.load_prepared(prepared_dir / f"{split}.pt")) for split in SPLITS)
         ours, net = our_epoch(params, device, train_data, test_data)
+        # The floor: the same steps with hidden width 1, so the GEMMs cost ~nothing and what is left is the
+        # per-step price of eager PyTorch (dispatch, autograd, optimizer) plus the batch gather.
+        width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
+        floor, _ = our_epoch(width_one, device, train_data, test_data)
         pipelines = {"d2l": d2l_epoch(torchvision_root(raw_dir, temp), device, workers, params.seed), "ours": ours,
-                     "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0])}
+                     "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]), "floor": floor}
         seconds, accuracy = measure(pipelines, epochs, device, report)
-    return {**summarize(seconds, accuracy), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source}
+        # Untimed: our code on d2l's own inputs (pixels / 255, as ToTensor gives), to tell the code's accuracy
+        # apart from what our normalization adds.
+        pixels = (_on(device, prepare.load_split(raw_dir, split)) for split in SPLITS)
+        pixels_epoch, _ = our_epoch(params, device, *pixels)
+        pixels_accuracy = [pixels_epoch() for _ in range(epochs)][-1]
+    return {**summarize(seconds, accuracy), "test_accuracy_d2l_inputs": pixels_accuracy,
+            "accuracy_gap_points_d2l_inputs": _digits(100 * (pixels_accuracy - accuracy["d2l"])),
+            "device": str(device), "device_name": device_description(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source,
+            "load_average_at_start": load_at_start}
+
+
+def _on(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(tensor.to(device) for tensor in tensors)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:
-    rows = [("d2l: DataLoader + ToTensor", result["d2l_epoch_s"], result["d2l_test_accuracy"]),
-            ("ours: train_epoch + evaluate", result["epoch_s"], result["test_accuracy"]),
-            ("GEMMs only", result["gemm_bound_s"], None)]
-    lines = [f"{'one epoch (train + test)':30s} {'median s':>9s} {'test acc':>9s}"]
-    lines += [f"{name:30s} {seconds:9.3f} {'' if acc is None else f'{acc:.4f}':>9s}" for name, seconds, acc in rows]
-    lines.append(f"ours / GEMMs {result['ratio_vs_gemm']:.2f}x, d2l / ours {result['speedup_vs_d2l']:.1f}x; "
-                 f"medians of {result['measured_epochs']} epochs after a warm-up, accuracy after {result['epochs']} "
-                 f"epochs; {result['device']} ({result['device_name']}), {result['threads']} threads, "
-                 f"torch {result['torch']}, {result['data']} data")
+    seconds = result["seconds"]
+    rows = [("d2l: DataLoader + ToTensor", "d2l", result["d2l_epoch_s"], result["d2l_test_accuracy"]),
+            ("ours: train_epoch + evaluate", "ours", result["epoch_s"], result["test_accuracy"]),
+            ("GEMMs only", "gemm", result["gemm_bound_s"], None),
+            ("ours at hidden width 1", "floor", result["floor_epoch_s"], None)]
+    lines = [f"{'one epoch (train + test)':30s} {'median s':>9s} {'min s':>8s} {'test acc':>9s}"]
+    lines += [f"{label:30s} {median:9.3f} {min(seconds[name][1:] or seconds[name]):8.3f} "
+              f"{'' if accuracy is None else f'{accuracy:.4f}':>9s}" for label, name, median, accuracy in rows]
+    lines.append(f"ours / GEMMs {result['ratio_vs_gemm']:.2f}x (GEMMs + width-1 floor: {result['ratio_floor']:.2f}x), "
+                 f"d2l / ours {result['speedup_vs_d2l']:.1f}x: medians of {result['measured_epochs']} epochs after a "
+                 f"warm-up; accuracy after {result['epochs']} epochs (ours on d2l's unnormalized inputs: "
+                 f"{result['test_accuracy_d2l_inputs']:.4f})")
+    lines.append(f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}, "
+                 f"data {result['data']}, load average at start {result['load_average_at_start']:.2f}")
     return "\n".join(lines)
 
 

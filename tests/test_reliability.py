@@ -194,6 +194,11 @@ def test_kill_9_during_prepare_leaves_nothing_half_written(big_repo):
     images, labels = prepare.load_prepared(prepared_dir / "tiny/train.pt")
     assert images.shape == (20000, 784) and labels.shape == (20000,)
     assert abs(images.mean().item()) < 1e-4  # normalized with the train statistics
+    prepare.run(repo / "data/raw/tiny", repo.parent / "uninterrupted", normalize=True)
+    for split in ("train", "test"):  # the same tensors as a run nobody killed
+        for recovered, reference in zip(prepare.load_prepared(prepared_dir / f"tiny/{split}.pt"),
+                                        prepare.load_prepared(repo.parent / f"uninterrupted/{split}.pt")):
+            assert torch.equal(recovered, reference)
 
 
 def test_kill_9_during_train_resumes_to_the_uninterrupted_result(big_repo, tmp_path):

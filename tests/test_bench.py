@@ -1,0 +1,87 @@
+"""The benchmark on small generated data: its JSON, its arithmetic, and a GEMM bound that does the epoch's GEMMs.
+
+Nothing here asserts a speed: timings on a shared machine are the bench's business, not a test's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline import bench, config, prepare
+from tests.conftest import REPO, VENV_BIN, run_tool
+
+KEYS = {"epoch_s", "gemm_bound_s", "d2l_epoch_s", "ratio_vs_gemm", "speedup_vs_d2l", "device", "torch", "threads",
+        "epochs", "measured_epochs", "test_accuracy", "d2l_test_accuracy", "accuracy_gap_points", "seconds",
+        "test_accuracy_d2l_inputs", "device_name", "load_average_at_start", "floor_epoch_s", "ratio_floor"}
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+    return bench.write_synthetic_idx(tmp_path_factory.mktemp("raw"), {"train": 512, "test": 128}, seed=1)
+
+
+def small_params(**overrides) -> config.TrainParams:
+    return dataclasses.replace(config.load(REPO / "params.yaml").variant("d2l"), batch_size=64, **overrides)
+
+
+def test_summary_takes_medians_after_the_warm_up_and_ratios_from_them():
+    seconds = {"d2l": [99.0, 30.0, 40.0, 20.0], "ours": [9.0, 2.0, 4.0, 3.0], "gemm": [9.0, 1.0, 2.0, 2.0],
+               "floor": [9.0, 1.0, 0.5, 0.4]}
+    result = bench.summarize(seconds, {"ours": 0.85, "d2l": 0.846})
+    assert (result["epoch_s"], result["gemm_bound_s"], result["d2l_epoch_s"]) == (3.0, 2.0, 30.0)
+    assert result["floor_epoch_s"] == 0.5
+    assert (result["ratio_vs_gemm"], result["speedup_vs_d2l"], result["ratio_floor"]) == (1.5, 10.0, 1.25)
+    assert (result["epochs"], result["measured_epochs"]) == (4, 3)
+    assert result["accuracy_gap_points"] == pytest.approx(0.4)
+
+
+def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path):
+    lines = []
+    result = bench.run(small_params(), True, raw_dir, tmp_path / "absent", "cpu", epochs=3, workers=2,
+                       report=lines.append)
+    assert KEYS <= set(result) and len(lines) == 3
+    json.loads(json.dumps(result))  # the JSON line round-trips
+    seconds = result["seconds"]
+    assert set(seconds) == {"d2l", "ours", "gemm", "floor"}
+    assert all(len(values) == 3 and min(values) > 0 for values in seconds.values())
+    medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    assert result["epoch_s"] == pytest.approx(medians["ours"], rel=1e-4)
+    assert result["ratio_vs_gemm"] == pytest.approx(result["epoch_s"] / result["gemm_bound_s"], rel=1e-3)
+    assert result["speedup_vs_d2l"] == pytest.approx(result["d2l_epoch_s"] / result["epoch_s"], rel=1e-3)
+    assert 0 <= result["test_accuracy"] <= 1 and 0 <= result["d2l_test_accuracy"] <= 1
+    assert (result["device"], result["data"], result["threads"]) == ("cpu", str(raw_dir), torch.get_num_threads())
+
+
+@pytest.mark.parametrize("impl", ["module", "scratch"])
+def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, impl):
+    """Counted by torch's FLOP counter: the bound's GEMMs against train_epoch + evaluate."""
+    params = small_params(impl=impl)
+    train_data, test_data = (prepare.load_split(raw_dir, split) for split in ("train", "test"))
+    epoch, net = bench.our_epoch(params, torch.device("cpu"), train_data, test_data)
+    gemms = bench.gemm_epoch(net, params.batch_size, train_data[0], test_data[0])
+    with FlopCounterMode(display=False) as real:
+        epoch()
+    with FlopCounterMode(display=False) as bound:
+        gemms()
+    assert bound.get_total_flops() == real.get_total_flops() > 0
+
+
+def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
+    result = run_tool([str(VENV_BIN / "python"), "-m", "pipeline.bench", "--quick", "--device", "cpu", "--raw",
+                       str(raw_dir), "--prepared", str(tmp_path / "absent"), "--workers", "0"], cwd=REPO, timeout=120)
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(last) and last["epochs"] == bench.EPOCHS["quick"]
+    assert "ours / GEMMs" in result.stdout
+
+
+def test_missing_data_is_generated_in_the_real_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "SPLIT_COUNTS", {"train": 300, "test": 100})  # the real sizes, scaled down
+    raw_dir, prepared_dir, source = bench.bench_data(tmp_path / "no_raw", tmp_path / "no_prepared", tmp_path, True)
+    images, labels = prepare.load_prepared(prepared_dir / "train.pt")
+    assert source == "generated" and images.shape == (300, 784) and labels.shape == (300,)
+    assert prepare.load_split(raw_dir, "test")[0].shape == (100, 784)
