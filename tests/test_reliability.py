@@ -188,7 +188,7 @@ def test_kill_9_during_prepare_leaves_nothing_half_written(big_repo):
     prepared_dir = repo / "data/prepared"
     kill_dvc_when(repo, env, "prepare", lambda: any(prepared_dir.glob(".tiny.*.tmpdir/train.pt")))
     assert not (prepared_dir / "tiny").exists() and not (repo / "metrics/prepare.json").exists()
-    assert "prepare" in run_tool(["dvc", "status"], repo, env).stdout
+    assert "prepare:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     run_tool(["dvc", "repro", "prepare"], repo, env)
     assert not list(prepared_dir.glob(".tiny.*"))  # the killed run's temp dir is cleaned up
     images, labels = prepare.load_prepared(prepared_dir / "tiny/train.pt")
@@ -208,7 +208,7 @@ def test_kill_9_during_train_resumes_to_the_uninterrupted_result(big_repo, tmp_p
     kill_dvc_when(repo, env, "train@base", lambda: checkpoint.exists()
                   and torch.load(checkpoint, weights_only=True)["epoch"] >= 2)
     assert not (repo / "models/base").exists() and not (repo / "results/base/train.json").exists()
-    assert "train@base" in run_tool(["dvc", "status"], repo, env).stdout
+    assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     resumed = run_tool(["dvc", "repro", "train@base"], repo, env).stdout
     assert "resuming from checkpoints/base.pt after epoch" in resumed
     assert not checkpoint.exists()  # removed once the stage succeeded
