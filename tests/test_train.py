@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -123,3 +124,9 @@ def test_probability_losses_train_and_match_their_definition(data, loss):
     torch.testing.assert_close(LOSSES[loss](logits, labels, reduction="sum"), distance.sum())
     history = train.run(params(loss=loss, lr=0.5), *data).history
     assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["test_accuracy"] > 0.5
+
+
+def test_huge_init_is_not_a_divergence(data):
+    result = train.run(params(init_std=1e3, epochs=2), *data)
+    assert result.diverged is None and len(result.history) == 2
+    assert result.history[0]["train_loss"] > 1e3 and all(math.isfinite(r["train_loss"]) for r in result.history)
