@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.errors import PipelineError, stage_entry
-from pipeline.files import atomic_file, read_json, write_json, write_text
+from pipeline.files import pyplot, read_json, write_json, write_png, write_text
 
 CHAMPION_ALIAS = "champion"
 
@@ -83,10 +83,7 @@ def _number(value: float | None) -> str:
 
 def draw_curves(path: Path, rows: dict[str, dict]) -> None:
     """Train loss and test accuracy of every variant per epoch: what d2l's animator draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, row in rows.items():
@@ -99,9 +96,7 @@ def draw_curves(path: Path, rows: dict[str, dict]) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    with atomic_file(path) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
+    write_png(path, figure)
 
 
 def register_champion(name: str, train_metrics: dict, registered_model: str) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline import config, model as mlp
 from pipeline.datasets import class_names
 from pipeline.errors import stage_entry
-from pipeline.files import atomic_file, read_json, write_json
+from pipeline.files import pyplot, read_json, write_json, write_png
 from pipeline.prepare import load_prepared
 from pipeline.losses import LOSSES
 
@@ -50,10 +50,7 @@ def confusion_records(confusion: list[list[int]], names: tuple[str, ...]) -> lis
 
 
 def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[str, ...], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 6))
     if confusion is None:
@@ -71,9 +68,7 @@ def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[s
                           color="white" if count > max(map(max, confusion)) / 2 else "black")
     axes.set_title(title)
     figure.tight_layout()
-    with atomic_file(path) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
+    write_png(path, figure)
 
 
 @stage_entry

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import config, tracking
 from pipeline.errors import stage_entry
-from pipeline.files import atomic_file, write_json
+from pipeline.files import pyplot, write_json, write_png
 
 
 @dataclass
@@ -83,10 +83,7 @@ def summary(params: config.LinregParams, result: LinregResult, run_id: str) -> d
 
 def draw_fit(path: Path, result: LinregResult) -> None:
     """Loss per epoch, and the data against the last feature with the other features' fitted part removed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     w, b = result.w.detach(), result.b.item()
     feature = result.features[:, -1]
@@ -101,9 +98,7 @@ def draw_fit(path: Path, result: LinregResult) -> None:
     fit_axes.set(xlabel=f"feature {len(w) - 1}", ylabel="label minus the other features' part", title="fitted line")
     fit_axes.legend()
     figure.tight_layout()
-    with atomic_file(path) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
+    write_png(path, figure)
 
 
 @stage_entry

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import config, tracking
 from pipeline.errors import stage_entry
-from pipeline.files import atomic_file, write_json
+from pipeline.files import pyplot, write_json, write_png
 from pipeline.model import MODULE_ACTIVATIONS
 
 LINEAR = "linear"
@@ -149,10 +149,7 @@ def predict_grid(net: nn.Module, low: torch.Tensor, high: torch.Tensor, resoluti
 
 def draw_regions(path: Path, result: SpiralResult) -> None:
     """One panel per model: its decision regions, the training points (dots) and held-out points (crosses)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     all_points = torch.cat([result.train_points, result.test_points])
     low, high = all_points.min(0).values - 0.1, all_points.max(0).values + 0.1
@@ -171,9 +168,7 @@ def draw_regions(path: Path, result: SpiralResult) -> None:
     for axes in list(axes_grid.flat)[len(result.models):]:
         axes.set_axis_off()
     figure.tight_layout()
-    with atomic_file(path) as temp:
-        figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
+    write_png(path, figure)
 
 
 def log_curves(result: SpiralResult, run_id: str) -> None:
