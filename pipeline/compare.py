@@ -5,7 +5,6 @@ variant that passes its gates is registered in MLflow's Model Registry under the
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 from pathlib import Path
@@ -118,8 +117,7 @@ def register_champion(name: str, train_metrics: dict, registered_model: str) -> 
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--results", type=Path, required=True, help="directory of <variant>/{train,eval}.json")
     parser.add_argument("--report", type=Path, required=True, help="Markdown table")
     parser.add_argument("--summary", type=Path, required=True, help="JSON metrics for dvc metrics show")

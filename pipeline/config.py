@@ -1,6 +1,7 @@
 """The only reader of params.yaml: frozen dataclasses, every key and value checked before any work."""
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import dataclasses
 import re
@@ -133,6 +134,13 @@ class Params:
 
 
 OPTIONAL_SECTIONS = ("linreg", "spiral")
+
+
+def stage_parser(doc: str) -> argparse.ArgumentParser:
+    """A stage's command line: the first line of its docstring, and where params.yaml is."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    return parser
 
 
 def load(path: Path = DEFAULT_PARAMS) -> Params:

@@ -5,7 +5,6 @@ accepted only if its decompressed bytes pass the IDX checks and match the SHA-25
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import sys
@@ -136,8 +135,7 @@ class Progress:
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the four IDX files")
     parser.add_argument("--record", type=Path, required=True, help="JSON: sources, hashes, MLflow run id")
     args = parser.parse_args()

@@ -73,8 +73,7 @@ def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[s
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True, help="directory with test.pt")
     parser.add_argument("--model", type=Path, required=True, help="model.pt written by train")

@@ -6,7 +6,6 @@ to within about 1e-3 of the truth.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +102,7 @@ def draw_fit(path: Path, result: LinregResult) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the recovered w and b")
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()

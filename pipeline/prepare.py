@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -54,8 +53,7 @@ def load_prepared(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--raw", type=Path, required=True, help="directory of the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="directory for train.pt and test.pt")
     parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: normalization statistics")

@@ -6,7 +6,6 @@ every sector), while MLPs with 64 hidden units reach about 0.99 with any of relu
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -185,8 +184,7 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of each model's accuracy")
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()

@@ -211,8 +211,7 @@ def log_model(net: nn.Module, example: torch.Tensor) -> str:
 
 @stage_entry
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
+    parser = config.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and test.pt")
     parser.add_argument("--model", type=Path, required=True, help="model.pt to write (and model.json beside it)")
