@@ -6,8 +6,8 @@ ToTensor, DataLoader with 4 workers, the loops as the book writes them); our sta
 + `train.evaluate` on the prepared tensors; only the GEMMs such an epoch needs; and our epoch at hidden width
 1, whose GEMMs cost ~nothing, so it measures the per-step price of eager PyTorch. The first round warms up;
 each figure is the median of the others. Prints a table, then one JSON line.
-On 2 threads of an AMD EPYC VM our epoch takes ~0.5 s, 1.4-1.5x its GEMMs (the width-1 floor alone puts
-the bound at ~1.4x) and ~14x less than d2l's pipeline.
+Then, untimed, d2l's pipeline and ours train on to 10 epochs (for `--seeds` seeds) to compare test accuracy.
+On 2 threads of an AMD EPYC VM our epoch takes ~0.5 s, ~1.1-1.2x its GEMMs and ~15-18x less than d2l's.
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ from torch import nn
 
 from pipeline import config, model as mlp, prepare, train
 from pipeline.datasets import FILE_KINDS
-from pipeline.errors import stage_entry
+from pipeline.errors import PipelineError, stage_entry
 from pipeline.losses import LOSSES
 
-EPOCHS = {"quick": 5, "full": 10}
+EPOCHS = {"quick": 5, "full": 10}  # timed
+ACCURACY_EPOCHS = 10  # d2l's; the accuracies compared are after this many
 D2L_WORKERS = 4  # d2l's get_dataloader_workers()
 EVALUATE_BATCH = 10000  # train.evaluate's default, the one train.run uses
 SPLIT_COUNTS = {"train": 60000, "test": 10000}
@@ -179,34 +180,44 @@ def gemm_epoch(net: nn.Module, batch_size: int, train_images: torch.Tensor,
 
 
 def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: torch.device,
-            report: Callable[[str], None] = print) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Each round runs every pipeline's epoch once; returns the seconds per round and the last accuracies."""
+            report: Callable[[str], None] = print) -> dict[str, list[float]]:
+    """Each round runs every pipeline's epoch once; returns the seconds per round."""
     seconds = {name: [] for name in epochs}
-    accuracy = {}
     slow, *fast = epochs
     for index in range(rounds):
         # The fast ones run back to back in alternating order: a load that comes and goes hits them alike.
         for name in [slow, *(fast if index % 2 == 0 else fast[::-1])]:
-            elapsed, result = timed(epochs[name], device)
-            seconds[name].append(elapsed)
-            if result is not None:
-                accuracy[name] = result
+            seconds[name].append(timed(epochs[name], device)[0])
         report(f"epoch {index + 1:2d}/{rounds}{' (warm-up)' if index == 0 else ''}: "
                + "  ".join(f"{name} {seconds[name][-1]:.3f} s" for name in epochs))
-    return seconds, accuracy
+    return seconds
 
 
-def summarize(seconds: dict[str, list[float]], accuracy: dict[str, float]) -> dict:
-    """Medians after the warm-up round, the ratios taken from them, and both accuracies."""
+def summarize(seconds: dict[str, list[float]]) -> dict:
+    """Medians after the warm-up round and the ratios taken from them."""
     median = {name: statistics.median(values[1:] or values) for name, values in seconds.items()}
     return {"epoch_s": _digits(median["ours"]), "gemm_bound_s": _digits(median["gemm"]),
             "d2l_epoch_s": _digits(median["d2l"]), "ratio_vs_gemm": _digits(median["ours"] / median["gemm"]),
             "speedup_vs_d2l": _digits(median["d2l"] / median["ours"]), "floor_epoch_s": _digits(median["floor"]),
             "ratio_floor": _digits((median["gemm"] + median["floor"]) / median["gemm"]),
             "epochs": len(seconds["ours"]), "measured_epochs": len(seconds["ours"][1:] or seconds["ours"]),
-            "test_accuracy": accuracy["ours"], "d2l_test_accuracy": accuracy["d2l"],
-            "accuracy_gap_points": _digits(100 * (accuracy["ours"] - accuracy["d2l"])),
             "seconds": {name: [_digits(value) for value in values] for name, values in seconds.items()}}
+
+
+def accuracy_study(runs: list[dict[str, Callable[[], float]]], trained: dict[str, int], seeds: list[int]) -> dict:
+    """Train every run on, untimed, to ACCURACY_EPOCHS (`trained`: epochs the first seed's runs already had);
+    test accuracies per seed and their means, and ours minus d2l's in points, on both kinds of input."""
+    accuracy = {name: [] for name in runs[0]}
+    for index, epochs in enumerate(runs):
+        for name, epoch in epochs.items():
+            results = [epoch() for _ in range(max(1, ACCURACY_EPOCHS - (trained.get(name, 0) if index == 0 else 0)))]
+            accuracy[name].append(results[-1])
+    mean = {name: statistics.fmean(values) for name, values in accuracy.items()}
+    return {"test_accuracy": _digits(mean["ours"]), "d2l_test_accuracy": _digits(mean["d2l"]),
+            "test_accuracy_d2l_inputs": _digits(mean["ours_d2l_inputs"]),
+            "accuracy_gap_points": _digits(100 * (mean["ours"] - mean["d2l"])),
+            "accuracy_gap_points_d2l_inputs": _digits(100 * (mean["ours_d2l_inputs"] - mean["d2l"])),
+            "accuracy_epochs": max(ACCURACY_EPOCHS, *trained.values()), "accuracy_seeds": seeds, "accuracy": accuracy}
 
 
 def _digits(value: float) -> float:
@@ -214,8 +225,8 @@ def _digits(value: float) -> float:
 
 
 def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir: Path, device_name: str,
-        epochs: int, workers: int = D2L_WORKERS, report: Callable[[str], None] = print) -> dict:
-    """Time `epochs` interleaved epochs of the four pipelines; return the figures for the JSON line."""
+        epochs: int, workers: int = D2L_WORKERS, report: Callable[[str], None] = print, seeds: int = 1) -> dict:
+    """Time `epochs` interleaved epochs of the four pipelines, then compare accuracies; the JSON line's figures."""
     device = train.resolve_device(device_name)
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure; our own runs add to it later
     with tempfile.TemporaryDirectory(prefix="bench.") as temp_name:
@@ -227,18 +238,25 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
         # per-step price of eager PyTorch (dispatch, autograd, optimizer) plus the batch gather.
         width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
         floor, _ = our_epoch(width_one, device, train_data, test_data)
-        pipelines = {"d2l": d2l_epoch(torchvision_root(raw_dir, temp), device, workers, params.seed), "ours": ours,
+        root = torchvision_root(raw_dir, temp)
+        pipelines = {"d2l": d2l_epoch(root, device, workers, params.seed), "ours": ours,
                      "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]), "floor": floor}
-        seconds, accuracy = measure(pipelines, epochs, device, report)
-        # Untimed: our code on d2l's own inputs (pixels / 255, as ToTensor gives), to tell the code's accuracy
-        # apart from what our normalization adds.
-        pixels = (_on(device, prepare.load_split(raw_dir, split)) for split in SPLITS)
-        pixels_epoch, _ = our_epoch(params, device, *pixels)
-        pixels_accuracy = [pixels_epoch() for _ in range(epochs)][-1]
-    return {**summarize(seconds, accuracy), "test_accuracy_d2l_inputs": pixels_accuracy,
-            "accuracy_gap_points_d2l_inputs": _digits(100 * (pixels_accuracy - accuracy["d2l"])),
-            "device": str(device), "device_name": device_description(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source,
+        seconds = measure(pipelines, epochs, device, report)
+        # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
+        # (pixels / 255, as ToTensor gives), which tells the code's accuracy apart from what our
+        # normalization adds; `seeds` > 1 repeats all three from scratch with the next seeds.
+        pixels = [_on(device, prepare.load_split(raw_dir, split)) for split in SPLITS]
+        seed_list = [params.seed + offset for offset in range(seeds)]
+        runs = [{"d2l": pipelines["d2l"], "ours": ours, "ours_d2l_inputs": our_epoch(params, device, *pixels)[0]}]
+        for seed in seed_list[1:]:
+            seeded = dataclasses.replace(params, seed=seed)
+            runs.append({"d2l": d2l_epoch(root, device, workers, seed),
+                         "ours": our_epoch(seeded, device, train_data, test_data)[0],
+                         "ours_d2l_inputs": our_epoch(seeded, device, *pixels)[0]})
+        report(f"accuracy after {max(ACCURACY_EPOCHS, epochs)} epochs, seeds {seed_list} (untimed)")
+        accuracy = accuracy_study(runs, {"d2l": epochs, "ours": epochs}, seed_list)
+    return {**summarize(seconds), **accuracy, "device": str(device), "device_name": device_description(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source,
             "load_average_at_start": load_at_start}
 
 
@@ -257,17 +275,19 @@ def device_description(device: torch.device) -> str:
 
 def table(result: dict) -> str:
     seconds = result["seconds"]
-    rows = [("d2l: DataLoader + ToTensor", "d2l", result["d2l_epoch_s"], result["d2l_test_accuracy"]),
-            ("ours: train_epoch + evaluate", "ours", result["epoch_s"], result["test_accuracy"]),
-            ("GEMMs only", "gemm", result["gemm_bound_s"], None),
-            ("ours at hidden width 1", "floor", result["floor_epoch_s"], None)]
-    lines = [f"{'one epoch (train + test)':30s} {'median s':>9s} {'min s':>8s} {'test acc':>9s}"]
-    lines += [f"{label:30s} {median:9.3f} {min(seconds[name][1:] or seconds[name]):8.3f} "
-              f"{'' if accuracy is None else f'{accuracy:.4f}':>9s}" for label, name, median, accuracy in rows]
+    rows = [("d2l: DataLoader + ToTensor", "d2l", result["d2l_epoch_s"]),
+            ("ours: train_epoch + evaluate", "ours", result["epoch_s"]),
+            ("GEMMs only", "gemm", result["gemm_bound_s"]),
+            ("ours at hidden width 1", "floor", result["floor_epoch_s"])]
+    lines = [f"{'one epoch (train + test)':30s} {'median s':>9s} {'min s':>8s}"]
+    lines += [f"{label:30s} {median:9.3f} {min(seconds[name][1:] or seconds[name]):8.3f}" for label, name, median in rows]
     lines.append(f"ours / GEMMs {result['ratio_vs_gemm']:.2f}x (GEMMs + width-1 floor: {result['ratio_floor']:.2f}x), "
                  f"d2l / ours {result['speedup_vs_d2l']:.1f}x: medians of {result['measured_epochs']} epochs after a "
-                 f"warm-up; accuracy after {result['epochs']} epochs (ours on d2l's unnormalized inputs: "
-                 f"{result['test_accuracy_d2l_inputs']:.4f})")
+                 f"warm-up")
+    lines.append(f"test accuracy after {result['accuracy_epochs']} epochs, mean of seeds {result['accuracy_seeds']}: "
+                 f"ours {result['test_accuracy']:.4f}, d2l {result['d2l_test_accuracy']:.4f} "
+                 f"({result['accuracy_gap_points']:+.2f} points); ours on d2l's unnormalized inputs "
+                 f"{result['test_accuracy_d2l_inputs']:.4f} ({result['accuracy_gap_points_d2l_inputs']:+.2f} points)")
     lines.append(f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}, "
                  f"data {result['data']}, load average at start {result['load_average_at_start']:.2f}")
     return "\n".join(lines)
@@ -284,10 +304,15 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared/fashion_mnist"),
                         help="train.pt and test.pt; made from --raw when absent")
     parser.add_argument("--workers", type=int, default=D2L_WORKERS, help="DataLoader workers of the d2l pipeline")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help=f"seeds whose accuracy after {ACCURACY_EPOCHS} epochs is averaged (each costs "
+                             f"{ACCURACY_EPOCHS} more epochs of d2l's pipeline)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        raise PipelineError(f"--seeds: got {args.seeds}, expected 1 or more")
     params = config.load(args.params)
     result = run(params.variant(args.variant), params.prepare.normalize, args.raw, args.prepared, args.device,
-                 EPOCHS["quick" if args.quick else "full"], args.workers)
+                 EPOCHS["quick" if args.quick else "full"], args.workers, seeds=args.seeds)
     print(table(result))
     print(json.dumps(result), flush=True)
 

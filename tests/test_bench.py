@@ -17,7 +17,8 @@ from tests.conftest import REPO, VENV_BIN, run_tool
 
 KEYS = {"epoch_s", "gemm_bound_s", "d2l_epoch_s", "ratio_vs_gemm", "speedup_vs_d2l", "device", "torch", "threads",
         "epochs", "measured_epochs", "test_accuracy", "d2l_test_accuracy", "accuracy_gap_points", "seconds",
-        "test_accuracy_d2l_inputs", "device_name", "load_average_at_start", "floor_epoch_s", "ratio_floor"}
+        "test_accuracy_d2l_inputs", "device_name", "load_average_at_start", "floor_epoch_s", "ratio_floor",
+        "accuracy_gap_points_d2l_inputs", "accuracy_epochs", "accuracy_seeds", "accuracy"}
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,41 @@ def small_params(**overrides) -> config.TrainParams:
 def test_summary_takes_medians_after_the_warm_up_and_ratios_from_them():
     seconds = {"d2l": [99.0, 30.0, 40.0, 20.0], "ours": [9.0, 2.0, 4.0, 3.0], "gemm": [9.0, 1.0, 2.0, 2.0],
                "floor": [9.0, 1.0, 0.5, 0.4]}
-    result = bench.summarize(seconds, {"ours": 0.85, "d2l": 0.846})
+    result = bench.summarize(seconds)
     assert (result["epoch_s"], result["gemm_bound_s"], result["d2l_epoch_s"]) == (3.0, 2.0, 30.0)
     assert result["floor_epoch_s"] == 0.5
     assert (result["ratio_vs_gemm"], result["speedup_vs_d2l"], result["ratio_floor"]) == (1.5, 10.0, 1.25)
     assert (result["epochs"], result["measured_epochs"]) == (4, 3)
-    assert result["accuracy_gap_points"] == pytest.approx(0.4)
+
+
+def test_accuracy_study_trains_to_ten_epochs_and_averages_the_seeds():
+    calls = {}
+
+    def counting(name, accuracies):
+        def epoch():
+            calls[name] = calls.get(name, 0) + 1
+            return accuracies[calls[name] - 1]
+        return epoch
+    runs = [{"d2l": counting("d2l0", [0.0] * 6 + [0.84]), "ours": counting("ours0", [0.0] * 6 + [0.85]),
+             "ours_d2l_inputs": counting("pix0", [0.0] * 9 + [0.83])},
+            {"d2l": counting("d2l1", [0.0] * 9 + [0.86]), "ours": counting("ours1", [0.0] * 9 + [0.87]),
+             "ours_d2l_inputs": counting("pix1", [0.0] * 9 + [0.86])}]
+    result = bench.accuracy_study(runs, {"d2l": 3, "ours": 3}, seeds=[0, 1])  # timed: seed 0's d2l and ours, 3 epochs
+    assert calls == {"d2l0": 7, "ours0": 7, "pix0": 10, "d2l1": 10, "ours1": 10, "pix1": 10}
+    assert result["accuracy"] == {"d2l": [0.84, 0.86], "ours": [0.85, 0.87], "ours_d2l_inputs": [0.83, 0.86]}
+    assert (result["test_accuracy"], result["d2l_test_accuracy"], result["test_accuracy_d2l_inputs"]) == (0.86, 0.85, 0.845)
+    assert result["accuracy_gap_points"] == pytest.approx(1.0)
+    assert result["accuracy_gap_points_d2l_inputs"] == pytest.approx(-0.5)
+    assert (result["accuracy_epochs"], result["accuracy_seeds"]) == (10, [0, 1])
 
 
 def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path):
     lines = []
     result = bench.run(small_params(), True, raw_dir, tmp_path / "absent", "cpu", epochs=3, workers=2,
-                       report=lines.append)
-    assert KEYS <= set(result) and len(lines) == 3
+                       report=lines.append, seeds=2)
+    assert KEYS <= set(result) and len(lines) == 4 and lines[-1].startswith("accuracy after 10 epochs, seeds [0, 1]")
+    assert all(len(values) == 2 and 0 <= min(values) <= max(values) <= 1 for values in result["accuracy"].values())
+    assert result["test_accuracy"] == pytest.approx(statistics.fmean(result["accuracy"]["ours"]), abs=1e-4)
     json.loads(json.dumps(result))  # the JSON line round-trips
     seconds = result["seconds"]
     assert set(seconds) == {"d2l", "ours", "gemm", "floor"}
@@ -57,6 +80,11 @@ def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path
     assert (result["device"], result["data"], result["threads"]) == ("cpu", str(raw_dir), torch.get_num_threads())
 
 
+def addmm_flops(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode's count for addmm (2 m k n), for the in-place addmm_ it does not count."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 @pytest.mark.parametrize("impl", ["module", "scratch"])
 def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, impl):
     """Counted by torch's FLOP counter: the bound's GEMMs against train_epoch + evaluate."""
@@ -64,7 +92,9 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
     train_data, test_data = (prepare.load_split(raw_dir, split) for split in ("train", "test"))
     epoch, net = bench.our_epoch(params, torch.device("cpu"), train_data, test_data)
     gemms = bench.gemm_epoch(net, params.batch_size, train_data[0], test_data[0])
-    with FlopCounterMode(display=False) as real:
+    # The fused SGD step updates each weight in place with the GEMM that computes its gradient (addmm_).
+    in_place = {torch.ops.aten.addmm_: addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as real:
         epoch()
     with FlopCounterMode(display=False) as bound:
         gemms()
@@ -85,3 +115,9 @@ def test_missing_data_is_generated_in_the_real_shapes(tmp_path, monkeypatch):
     images, labels = prepare.load_prepared(prepared_dir / "train.pt")
     assert source == "generated" and images.shape == (300, 784) and labels.shape == (300,)
     assert prepare.load_split(raw_dir, "test")[0].shape == (100, 784)
+
+
+def test_no_seeds_is_a_one_line_error():
+    result = run_tool([str(VENV_BIN / "python"), "-m", "pipeline.bench", "--seeds", "0"], cwd=REPO, timeout=120,
+                      check=False)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --seeds: got 0, expected 1 or more"

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import config, model as mlp, train
+from pipeline import config, fused, model as mlp, train
+from pipeline.losses import LOSSES
 from pipeline.errors import PipelineError
 from tests.conftest import REPO, make_split
 
@@ -27,33 +28,51 @@ def params(**overrides) -> config.TrainParams:
 
 
 def reference_epoch(net, images, labels, order, batch_size, lr):
-    """The plainest SGD loop: slice, forward, mean loss, backward, p -= lr * grad."""
-    losses = []
+    """The plainest SGD loop: slice, forward, mean loss, backward, p -= lr * grad; summed losses and correct count."""
+    losses, correct = [], 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        loss = F.cross_entropy(net(images[batch]), labels[batch])
+        logits = net(images[batch])
+        loss = F.cross_entropy(logits, labels[batch])
         net.zero_grad()
         loss.backward()
         with torch.no_grad():
             for parameter in net.parameters():
                 parameter -= lr * parameter.grad
         losses.append(loss.item() * len(batch))
-    return losses
+        correct += (logits.argmax(1) == labels[batch]).sum().item()
+    return losses, correct
 
 
+@pytest.mark.parametrize("hidden", [(256,), (32, 16)])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])  # relu: the written-out SGD step; tanh: autograd
 @pytest.mark.parametrize("impl", ["module", "scratch"])
-def test_optimized_epoch_matches_a_plain_reference_loop(data, impl):
+def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, hidden):
     (images, labels), _ = data
-    fast = mlp.build(impl, (256,), "relu", 0.01, torch.Generator().manual_seed(0))
-    plain = mlp.build(impl, (256,), "relu", 0.01, torch.Generator().manual_seed(0))
+    fast = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
+    plain = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
+    assert fused.applies(fast, optimizer, F.cross_entropy) == (activation == "relu")
     step_losses, correct = train.train_epoch(fast, optimizer, images, labels, 64, torch.Generator().manual_seed(5))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
-    expected = reference_epoch(plain, images, labels, order, 64, 0.1)
-    torch.testing.assert_close(step_losses, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    expected_losses, expected_correct = reference_epoch(plain, images, labels, order, 64, 0.1)
+    torch.testing.assert_close(step_losses, torch.tensor(expected_losses), rtol=1e-5, atol=1e-5)
     for fast_param, plain_param in zip(fast.parameters(), plain.parameters()):
         torch.testing.assert_close(fast_param, plain_param, rtol=1e-5, atol=1e-6)
-    assert 0 < correct.item() <= len(labels)
+    assert correct.item() == expected_correct
+
+
+def test_the_written_out_step_takes_only_plain_sgd_on_cross_entropy_with_relu():
+    net = mlp.build("module", (8,), "relu", 0.01)
+    sgd = lambda **options: torch.optim.SGD(net.parameters(), lr=0.1, **options)
+    assert fused.applies(net, sgd(), F.cross_entropy)
+    assert fused.applies(mlp.build("scratch", (8, 8), "relu", 0.01), torch.optim.SGD(
+        mlp.build("scratch", (8, 8), "relu", 0.01).parameters(), lr=0.1), F.cross_entropy) is False  # other params
+    for optimizer in (sgd(momentum=0.9), sgd(weight_decay=1e-4), sgd(maximize=True), torch.optim.Adam(net.parameters())):
+        assert not fused.applies(net, optimizer, F.cross_entropy)
+    assert not fused.applies(net, sgd(), LOSSES["mse"])
+    for other in (mlp.build("module", (8,), "leaky_relu", 0.01), torch.nn.Sequential(torch.nn.Linear(784, 10))):
+        assert not fused.applies(other, torch.optim.SGD(other.parameters(), lr=0.1), F.cross_entropy)
 
 
 def test_same_seed_gives_identical_history_on_cpu(data):
