@@ -67,10 +67,14 @@ def sgd_epoch(model: nn.Module, lr: float, images: torch.Tensor, labels: torch.T
         torch.gather(log_probabilities, 1, label, out=true_log_probability)
         grad = log_probabilities.exp_().sub_(target)  # n * dLoss/dlogits: softmax minus one-hot
         step(layers, inputs, grad, -lr / len(batch), ones[:len(batch)])
-    step_index = torch.arange(len(labels), device=images.device) // batch_size
-    step_losses = torch.zeros(len(order.split(batch_size)), device=images.device, dtype=images.dtype)
-    step_losses.index_add_(0, step_index, true_log_probabilities.squeeze(1), alpha=-1)
-    return step_losses, (predictions == shuffled_labels).sum()
+    return -step_sums(true_log_probabilities.squeeze(1), batch_size), (predictions == shuffled_labels).sum()
+
+
+def step_sums(values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sums of consecutive batch_size-long runs (the last may be shorter); deterministic on a GPU too."""
+    full = len(values) // batch_size * batch_size
+    sums = values[:full].view(-1, batch_size).sum(1)
+    return torch.cat([sums, values[full:].sum(0, keepdim=True)]) if full < len(values) else sums
 
 
 def step(layers: list[Layer], inputs: list[torch.Tensor], grad: torch.Tensor, alpha: float,

@@ -44,18 +44,19 @@ def reference_epoch(net, images, labels, order, batch_size, lr):
     return losses, correct
 
 
-@pytest.mark.parametrize("hidden", [(256,), (32, 16)])
+@pytest.mark.parametrize("hidden, batch_size", [((256,), 64), ((32, 16), 100)])  # 512 = 5 * 100 + 12
 @pytest.mark.parametrize("activation", ["relu", "tanh"])  # relu: the written-out SGD step; tanh: autograd
 @pytest.mark.parametrize("impl", ["module", "scratch"])
-def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, hidden):
+def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, hidden, batch_size):
     (images, labels), _ = data
     fast = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
     plain = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
     assert fused.applies(fast, optimizer, F.cross_entropy) == (activation == "relu")
-    step_losses, correct = train.train_epoch(fast, optimizer, images, labels, 64, torch.Generator().manual_seed(5))
+    step_losses, correct = train.train_epoch(fast, optimizer, images, labels, batch_size,
+                                             torch.Generator().manual_seed(5))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
-    expected_losses, expected_correct = reference_epoch(plain, images, labels, order, 64, 0.1)
+    expected_losses, expected_correct = reference_epoch(plain, images, labels, order, batch_size, 0.1)
     torch.testing.assert_close(step_losses, torch.tensor(expected_losses), rtol=1e-5, atol=1e-5)
     for fast_param, plain_param in zip(fast.parameters(), plain.parameters()):
         torch.testing.assert_close(fast_param, plain_param, rtol=1e-5, atol=1e-6)
