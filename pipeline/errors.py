@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+from types import FrameType
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -13,8 +14,36 @@ class PipelineError(Exception):
     """A problem the user can fix (bad params, bad data, unreachable source); str() is one line."""
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+# Python code that a signal must not cut short: an interrupt inside an SQLAlchemy transaction leaves the
+# SQLite store locked, and ending the MLflow run as KILLED then fails with "database is locked".
+UNINTERRUPTIBLE = ("sqlalchemy", "mlflow.store", "alembic")
+RETRY_S = 0.02
+_pending: list[int] = []  # a signal that arrived inside such code, delivered once it has returned
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, but never inside UNINTERRUPTIBLE code: there the
+    signal waits, checked again every RETRY_S seconds (SIGALRM), until the code has returned."""
+    if _inside(frame, UNINTERRUPTIBLE):
+        _pending[:] = [signum]
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    _pending.clear()
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _retry_pending(signum: int, frame: FrameType | None) -> None:
+    if _pending:
+        _interrupt(_pending[0], frame)
+
+
+def _inside(frame: FrameType | None, modules: tuple[str, ...]) -> bool:
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if any(name == module or name.startswith(module + ".") for module in modules):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
@@ -24,7 +53,9 @@ def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
     def wrapper() -> T:
         # SIGTERM (what `kill` and CI cancellations send) must unwind like SIGINT, so that
         # open MLflow runs are ended as KILLED and temporary files are removed.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
+        signal.signal(signal.SIGALRM, _retry_pending)
         try:
             return main()
         except PipelineError as error:

@@ -88,6 +88,60 @@ def test_signal_during_train_ends_the_run_killed_and_writes_nothing(prepared, tm
     assert not (tmp_path / "out").exists()
 
 
+LOGGING_FOREVER = """
+from pipeline import tracking
+from pipeline.errors import stage_entry
+
+
+@stage_entry
+def main():
+    with tracking.stage_run("train", "d2l-mlp"):
+        import mlflow
+
+        print("logging", flush=True)
+        for step in range(10**9):  # nearly all the time is spent inside MLflow's SQLAlchemy store
+            mlflow.log_metrics({"a": step, "b": 2 * step}, step=step)
+
+
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_mlflow_logging_still_ends_the_run_killed(tmp_path, signum):
+    """A signal landing inside an SQLite transaction used to leave the store locked: end_run('KILLED')
+    then failed with 'database is locked', exit 1, and the run stayed RUNNING (2 times out of 6)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for attempt in range(2):
+        process = subprocess.Popen([sys.executable, "-c", LOGGING_FOREVER], cwd=REPO, env=tool_env(
+            MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "logging\n"
+        time.sleep(0.1 + 0.2 * attempt)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stderr.strip().splitlines()[-1]) == (
+            130, f"interrupted: signal {signal.Signals(signum).name}")
+    assert [run.info.status for run in runs(uri)] == ["KILLED", "KILLED"]
+
+
+def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monkeypatch):
+    from pipeline import errors
+
+    store_module = {"__name__": "sqlalchemy.orm.session"}
+    exec("import sys\ndef current_frame():\n    return sys._getframe()", store_module)
+    timers = []
+    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
+    monkeypatch.setattr(errors, "_pending", [])
+    errors._interrupt(signal.SIGTERM, store_module["current_frame"]())  # deferred: no exception
+    assert errors._pending == [signal.SIGTERM] and timers == [errors.RETRY_S]
+    errors._retry_pending(signal.SIGALRM, store_module["current_frame"]())  # still inside: deferred again
+    assert timers == [errors.RETRY_S] * 2
+    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
+        errors._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
+    assert errors._pending == []
+    errors._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
+
+
 def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, tmp_path, mlflow_server):
     out = tmp_path / "out"
     out.mkdir()
