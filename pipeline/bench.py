@@ -180,17 +180,21 @@ def gemm_epoch(net: nn.Module, batch_size: int, train_images: torch.Tensor,
 
 
 def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: torch.device,
-            report: Callable[[str], None] = print) -> dict[str, list[float]]:
-    """Each round runs every pipeline's epoch once; returns the seconds per round."""
+            report: Callable[[str], None] = print) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each round runs every pipeline's epoch once; returns the seconds per round and the last accuracies."""
     seconds = {name: [] for name in epochs}
+    accuracy = {}
     slow, *fast = epochs
     for index in range(rounds):
         # The fast ones run back to back in alternating order: a load that comes and goes hits them alike.
         for name in [slow, *(fast if index % 2 == 0 else fast[::-1])]:
-            seconds[name].append(timed(epochs[name], device)[0])
+            elapsed, result = timed(epochs[name], device)
+            seconds[name].append(elapsed)
+            if result is not None:
+                accuracy[name] = result
         report(f"epoch {index + 1:2d}/{rounds}{' (warm-up)' if index == 0 else ''}: "
                + "  ".join(f"{name} {seconds[name][-1]:.3f} s" for name in epochs))
-    return seconds
+    return seconds, accuracy
 
 
 def summarize(seconds: dict[str, list[float]]) -> dict:
@@ -204,20 +208,25 @@ def summarize(seconds: dict[str, list[float]]) -> dict:
             "seconds": {name: [_digits(value) for value in values] for name, values in seconds.items()}}
 
 
-def accuracy_study(runs: list[dict[str, Callable[[], float]]], trained: dict[str, int], seeds: list[int]) -> dict:
-    """Train every run on, untimed, to ACCURACY_EPOCHS (`trained`: epochs the first seed's runs already had);
-    test accuracies per seed and their means, and ours minus d2l's in points, on both kinds of input."""
+def accuracy_study(runs: list[dict[str, Callable[[], float]]], trained: dict[str, tuple[int, float]],
+                   seeds: list[int]) -> dict:
+    """Train every run on, untimed, to ACCURACY_EPOCHS; `trained` holds (epochs, last accuracy) of the first
+    seed's runs that the timed rounds have trained. Test accuracies per seed and their means, and ours minus
+    d2l's in points, on both kinds of input."""
     accuracy = {name: [] for name in runs[0]}
     for index, epochs in enumerate(runs):
         for name, epoch in epochs.items():
-            results = [epoch() for _ in range(max(1, ACCURACY_EPOCHS - (trained.get(name, 0) if index == 0 else 0)))]
-            accuracy[name].append(results[-1])
+            done, last = trained.get(name, (0, None)) if index == 0 else (0, None)
+            for _ in range(ACCURACY_EPOCHS - done):
+                last = epoch()
+            accuracy[name].append(last)
     mean = {name: statistics.fmean(values) for name, values in accuracy.items()}
     return {"test_accuracy": _digits(mean["ours"]), "d2l_test_accuracy": _digits(mean["d2l"]),
             "test_accuracy_d2l_inputs": _digits(mean["ours_d2l_inputs"]),
             "accuracy_gap_points": _digits(100 * (mean["ours"] - mean["d2l"])),
             "accuracy_gap_points_d2l_inputs": _digits(100 * (mean["ours_d2l_inputs"] - mean["d2l"])),
-            "accuracy_epochs": max(ACCURACY_EPOCHS, *trained.values()), "accuracy_seeds": seeds, "accuracy": accuracy}
+            "accuracy_epochs": max(ACCURACY_EPOCHS, *(done for done, _ in trained.values())), "accuracy_seeds": seeds,
+            "accuracy": accuracy}
 
 
 def _digits(value: float) -> float:
@@ -235,13 +244,14 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
         train_data, test_data = (_on(device, prepare.load_prepared(prepared_dir / f"{split}.pt")) for split in SPLITS)
         ours, net = our_epoch(params, device, train_data, test_data)
         # The floor: the same steps with hidden width 1, so the GEMMs cost ~nothing and what is left is the
-        # per-step price of eager PyTorch (dispatch, autograd, optimizer) plus the batch gather.
+        # per-step price of eager PyTorch (dispatch; autograd and the optimizer where fused.py does not
+        # apply) plus the batch gather.
         width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
         floor, _ = our_epoch(width_one, device, train_data, test_data)
         root = torchvision_root(raw_dir, temp)
         pipelines = {"d2l": d2l_epoch(root, device, workers, params.seed), "ours": ours,
                      "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]), "floor": floor}
-        seconds = measure(pipelines, epochs, device, report)
+        seconds, last_accuracy = measure(pipelines, epochs, device, report)
         # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
         # (pixels / 255, as ToTensor gives), which tells the code's accuracy apart from what our
         # normalization adds; `seeds` > 1 repeats all three from scratch with the next seeds.
@@ -254,7 +264,7 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
                          "ours": our_epoch(seeded, device, train_data, test_data)[0],
                          "ours_d2l_inputs": our_epoch(seeded, device, *pixels)[0]})
         report(f"accuracy after {max(ACCURACY_EPOCHS, epochs)} epochs, seeds {seed_list} (untimed)")
-        accuracy = accuracy_study(runs, {"d2l": epochs, "ours": epochs}, seed_list)
+        accuracy = accuracy_study(runs, {name: (epochs, last_accuracy[name]) for name in ("d2l", "ours")}, seed_list)
     return {**summarize(seconds), **accuracy, "device": str(device), "device_name": device_description(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source,
             "load_average_at_start": load_at_start}

@@ -47,7 +47,8 @@ def _inside(frame: FrameType | None, modules: tuple[str, ...]) -> bool:
 
 
 def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
-    """Wrap a stage's main(): PipelineError -> one line on stderr and exit 2; SIGTERM acts like Ctrl-C."""
+    """Wrap a stage's main(): PipelineError -> one line on stderr and exit 2; SIGTERM acts like Ctrl-C, and
+    neither cuts an MLflow store call short (see _interrupt)."""
 
     @functools.wraps(main)
     def wrapper() -> T:

@@ -52,13 +52,23 @@ def test_accuracy_study_trains_to_ten_epochs_and_averages_the_seeds():
              "ours_d2l_inputs": counting("pix0", [0.0] * 9 + [0.83])},
             {"d2l": counting("d2l1", [0.0] * 9 + [0.86]), "ours": counting("ours1", [0.0] * 9 + [0.87]),
              "ours_d2l_inputs": counting("pix1", [0.0] * 9 + [0.86])}]
-    result = bench.accuracy_study(runs, {"d2l": 3, "ours": 3}, seeds=[0, 1])  # timed: seed 0's d2l and ours, 3 epochs
+    trained = {"d2l": (3, 0.0), "ours": (3, 0.0)}  # the timed rounds: seed 0's d2l and ours, 3 epochs
+    result = bench.accuracy_study(runs, trained, seeds=[0, 1])
     assert calls == {"d2l0": 7, "ours0": 7, "pix0": 10, "d2l1": 10, "ours1": 10, "pix1": 10}
     assert result["accuracy"] == {"d2l": [0.84, 0.86], "ours": [0.85, 0.87], "ours_d2l_inputs": [0.83, 0.86]}
     assert (result["test_accuracy"], result["d2l_test_accuracy"], result["test_accuracy_d2l_inputs"]) == (0.86, 0.85, 0.845)
     assert result["accuracy_gap_points"] == pytest.approx(1.0)
     assert result["accuracy_gap_points_d2l_inputs"] == pytest.approx(-0.5)
     assert (result["accuracy_epochs"], result["accuracy_seeds"]) == (10, [0, 1])
+
+
+def test_accuracy_study_trains_no_further_when_the_timed_rounds_reached_ten_epochs():
+    trained_on = []
+    runs = [{name: (lambda name=name: trained_on.append(name) or 0.5) for name in ("d2l", "ours", "ours_d2l_inputs")}]
+    result = bench.accuracy_study(runs, {"d2l": (10, 0.84), "ours": (10, 0.86)}, seeds=[0])
+    assert trained_on == ["ours_d2l_inputs"] * 10
+    assert result["accuracy"] == {"d2l": [0.84], "ours": [0.86], "ours_d2l_inputs": [0.5]}
+    assert result["accuracy_epochs"] == 10
 
 
 def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path):
