@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import bench, config, prepare
+from benchmarks import bench
+from pipeline import config, tensors
+from pipeline.stages import prepare
 from tests.conftest import REPO, VENV_BIN, run_tool
 
 KEYS = {"epoch_s", "gemm_bound_s", "d2l_epoch_s", "ratio_vs_gemm", "speedup_vs_d2l", "device", "torch", "threads",
@@ -99,7 +101,7 @@ def addmm_flops(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -
 def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, impl):
     """Counted by torch's FLOP counter: the bound's GEMMs against train_epoch + evaluate."""
     params = small_params(impl=impl)
-    train_data, test_data = (prepare.load_split(raw_dir, split) for split in ("train", "test"))
+    train_data, test_data = (prepare.read_raw_split(raw_dir, split) for split in ("train", "test"))
     epoch, net = bench.our_epoch(params, torch.device("cpu"), train_data, test_data)
     gemms = bench.gemm_epoch(net, params.batch_size, train_data[0], test_data[0])
     # The fused SGD step updates each weight in place with the GEMM that computes its gradient (addmm_).
@@ -112,7 +114,7 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
 
 
 def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
-    result = run_tool([str(VENV_BIN / "python"), "-m", "pipeline.bench", "--quick", "--device", "cpu", "--raw",
+    result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--raw",
                        str(raw_dir), "--prepared", str(tmp_path / "absent"), "--workers", "0"], cwd=REPO, timeout=120)
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert KEYS <= set(last) and last["epochs"] == bench.EPOCHS["quick"]
@@ -122,12 +124,12 @@ def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
 def test_missing_data_is_generated_in_the_real_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SPLIT_COUNTS", {"train": 300, "test": 100})  # the real sizes, scaled down
     raw_dir, prepared_dir, source = bench.bench_data(tmp_path / "no_raw", tmp_path / "no_prepared", tmp_path, True)
-    images, labels = prepare.load_prepared(prepared_dir / "train.pt")
+    images, labels = tensors.load_split(prepared_dir / "train.pt")
     assert source == "generated" and images.shape == (300, 784) and labels.shape == (300,)
-    assert prepare.load_split(raw_dir, "test")[0].shape == (100, 784)
+    assert prepare.read_raw_split(raw_dir, "test")[0].shape == (100, 784)
 
 
 def test_no_seeds_is_a_one_line_error():
-    result = run_tool([str(VENV_BIN / "python"), "-m", "pipeline.bench", "--seeds", "0"], cwd=REPO, timeout=120,
+    result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--seeds", "0"], cwd=REPO, timeout=120,
                       check=False)
     assert result.returncode == 2 and result.stderr.strip() == "error: --seeds: got 0, expected 1 or more"

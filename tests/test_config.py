@@ -65,7 +65,7 @@ def test_float_params_accept_yaml_exponents_and_integers(tmp_path):
 def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
     params = write_params(tmp_path, lambda p: p["variants"]["d2l"].update(optimizer="adamw"))
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--params", str(params), "--variant", "d2l",
+        [sys.executable, "-m", "pipeline.stages.train", "--params", str(params), "--variant", "d2l",
          "--data", str(tmp_path / "nothing"), "--model", str(tmp_path / "m.pt"),
          "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv")],
         cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),

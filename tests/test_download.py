@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.datasets import FILE_KINDS, DatasetSpec
-from pipeline.download import fetch_verified, run
+from pipeline.stages.download import fetch_verified, run
 from pipeline.errors import PipelineError
 from tests.conftest import REPO, tool_env
 
@@ -229,7 +229,7 @@ def test_cli_with_bad_params_exits_2_with_one_error_line(tmp_path: Path):
     params["data"]["timeout_s"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "pipeline.download", "--params", str(tmp_path / "params.yaml"),
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download", "--params", str(tmp_path / "params.yaml"),
                              "--out", str(tmp_path / "raw"), "--record", str(tmp_path / "download.json")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr

@@ -11,26 +11,31 @@ import yaml
 from tests.conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+OUR_PACKAGES = ("pipeline", "lessons")
 MNIST_YAML = yaml.safe_load((REPO / "lessons/mnist/dvc.yaml").read_text())
 
 
+def module_file(module: str) -> Path:
+    """pipeline.stages.train -> pipeline/stages/train.py"""
+    return Path(*module.split(".")).with_suffix(".py")
+
+
 def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
-    """pipeline/ modules that `module` imports, transitively (including lazy imports inside functions)."""
+    """Our modules (pipeline.*, lessons.*) that `module` imports, transitively, lazy imports included."""
     seen = seen if seen is not None else set()
     if module in seen:
         return seen
     seen.add(module)
-    tree = ast.parse((REPO / "pipeline" / f"{module}.py").read_text())
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse((REPO / module_file(module)).read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            names = [node.module.split(".")[1]]
+        if isinstance(node, ast.ImportFrom) and node.module in OUR_PACKAGES:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(tuple(f"{p}." for p in OUR_PACKAGES)):
+            names = [node.module]
         elif isinstance(node, ast.Import):
-            names = [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")]
+            names = [alias.name for alias in node.names if alias.name.split(".")[0] in OUR_PACKAGES]
         for name in names:
-            if (REPO / "pipeline" / f"{name}.py").exists():
+            if (REPO / module_file(name)).exists():
                 imported_modules(name, seen)
     return seen
 
@@ -43,9 +48,9 @@ def stages() -> list[tuple[str, dict]]:
 
 @pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
 def test_stage_deps_list_exactly_the_modules_it_imports(name, stage):
-    module = re.search(r"python -m pipeline\.(\w+)", stage["cmd"]).group(1)
-    expected = {f"pipeline/{imported}.py" for imported in imported_modules(module)}
-    listed = {dep for dep in stage["deps"] if dep.startswith("pipeline/")}
+    module = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+    expected = {module_file(imported).as_posix() for imported in imported_modules(module)}
+    listed = {dep for dep in stage["deps"] if dep.endswith(".py")}
     assert listed == expected
 
 
@@ -75,5 +80,6 @@ def test_mnist_stages_read_the_mnist_params_and_write_under_lessons():
 
 def test_every_stage_module_has_a_main():
     for _, stage in stages():
-        module = re.search(r"python -m pipeline\.(\w+)", stage["cmd"]).group(1)
-        assert "def main()" in (REPO / "pipeline" / f"{module}.py").read_text()
+        module = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+        tree = ast.parse((REPO / module_file(module)).read_text())
+        assert "main" in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}

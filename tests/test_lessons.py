@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from pipeline import config, linreg, spiral
+from lessons.linreg import linreg
+from lessons.spiral import spiral
+from pipeline import config
 from tests.conftest import REPO, tool_env
 from tests.test_config import write_params
 

@@ -1,4 +1,4 @@
-"""MNIST digits through the same stages (lessons/mnist/dvc.yaml), fed by a real HTTP server on 127.0.0.1.
+"""MNIST digits through the same stages (lessons/mnist/dvc.yaml, its own DVC project), fed by a real HTTP server on 127.0.0.1.
 
 The real MNIST cannot be fetched here, so the server hands out small generated IDX files and the params
 pin their hashes under a dataset name of their own; everything else is the MNIST pipeline as users run it.
@@ -44,7 +44,7 @@ def mnist_repo(tmp_path_factory, tiny_dataset, mirror, mlflow_server):
     params["variants"] = VARIANTS
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
-    output = run_tool(["dvc", "repro", "lessons/mnist/dvc.yaml"], repo, env).stdout
+    output = run_tool(["dvc", "repro"], repo / "lessons/mnist", env).stdout
     return {"repo": repo, "output": output, "uri": mlflow_server, "mirror": mirror}
 
 

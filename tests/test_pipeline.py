@@ -131,7 +131,7 @@ def test_changing_one_variant_reruns_only_it_and_compare(pipeline, client):
 
 
 def report(pipeline, *args: str):
-    return run_tool([sys.executable, "-m", "pipeline.report", *args], pipeline["repo"], pipeline["env"], check=False)
+    return run_tool([sys.executable, "-m", "pipeline.ci_report", *args], pipeline["repo"], pipeline["env"], check=False)
 
 
 def test_report_shows_params_and_metrics_diff_against_the_base(pipeline):

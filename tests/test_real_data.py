@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline import config, download, prepare, train
+from pipeline import config, tensors
+from pipeline.stages import download, prepare, train
 from pipeline.datasets import BUILT_IN
 from tests.conftest import REAL_FASHION_MNIST, REPO
 
@@ -33,7 +34,7 @@ def test_real_splits_have_the_published_shape(raw, tmp_path):
     assert (stats["train_count"], stats["test_count"], stats["classes"]) == (60000, 10000, 10)
     assert stats["train_class_counts"] == [6000] * 10
     assert round(stats["mean"], 4) == 0.2860 and round(stats["std"], 4) == 0.3530
-    images, labels = prepare.load_prepared(tmp_path / "prepared/test.pt")
+    images, labels = tensors.load_split(tmp_path / "prepared/test.pt")
     assert images.shape == (10000, 784) and labels.bincount().tolist() == [1000] * 10
 
 
@@ -41,7 +42,7 @@ def test_real_splits_have_the_published_shape(raw, tmp_path):
 def real_data(raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("real_prepared")
     prepare.run(raw[0], out, normalize=True)
-    return [prepare.load_prepared(out / f"{split}.pt") for split in ("train", "test")]
+    return [tensors.load_split(out / f"{split}.pt") for split in ("train", "test")]
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import prepare
+from pipeline import tensors
+from pipeline.stages import prepare
 from tests.conftest import (REPO, copy_repo, edit_params, make_split, idx_bytes, run_tool, tiny_params,
                             tool_env)
 
@@ -35,7 +36,7 @@ def prepared(tmp_path_factory, tiny_dataset) -> dict:
 
 
 def train_command(prepared: dict, out: Path, variant: str = "base", checkpoint: bool = False) -> list[str]:
-    command = [sys.executable, "-m", "pipeline.train", "--params", str(prepared["params"]), "--variant", variant,
+    command = [sys.executable, "-m", "pipeline.stages.train", "--params", str(prepared["params"]), "--variant", variant,
                "--data", str(prepared["data"]), "--model", str(out / "model.pt"),
                "--metrics", str(out / "train.json"), "--history", str(out / "history.csv")]
     return command + (["--checkpoint", str(out / "ckpt.pt")] if checkpoint else [])
@@ -90,7 +91,7 @@ def test_signal_during_train_ends_the_run_killed_and_writes_nothing(prepared, tm
 
 LOGGING_FOREVER = """
 from pipeline import tracking
-from pipeline.errors import stage_entry
+from pipeline.cli import stage_entry
 
 
 @stage_entry
@@ -125,21 +126,21 @@ def test_signal_during_mlflow_logging_still_ends_the_run_killed(tmp_path, signum
 
 
 def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monkeypatch):
-    from pipeline import errors
+    from pipeline import cli
 
     store_module = {"__name__": "sqlalchemy.orm.session"}
     exec("import sys\ndef current_frame():\n    return sys._getframe()", store_module)
     timers = []
     monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
     monkeypatch.setattr(errors, "_pending", [])
-    errors._interrupt(signal.SIGTERM, store_module["current_frame"]())  # deferred: no exception
-    assert errors._pending == [signal.SIGTERM] and timers == [errors.RETRY_S]
-    errors._retry_pending(signal.SIGALRM, store_module["current_frame"]())  # still inside: deferred again
-    assert timers == [errors.RETRY_S] * 2
+    cli._interrupt(signal.SIGTERM, store_module["current_frame"]())  # deferred: no exception
+    assert cli._pending == [signal.SIGTERM] and timers == [cli.RETRY_S]
+    cli._retry_pending(signal.SIGALRM, store_module["current_frame"]())  # still inside: deferred again
+    assert timers == [cli.RETRY_S] * 2
     with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
-        errors._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
-    assert errors._pending == []
-    errors._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
+        cli._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
+    assert cli._pending == []
+    cli._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
 
 
 def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, tmp_path, mlflow_server):
@@ -160,7 +161,7 @@ def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, 
 def test_unreachable_tracking_server_fails_in_seconds_naming_it(tmp_path, tiny_dataset):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--raw", str(tiny_dataset["dir"]), "--out", str(tmp_path / "p"),
+        [sys.executable, "-m", "pipeline.stages.prepare", "--raw", str(tiny_dataset["dir"]), "--out", str(tmp_path / "p"),
          "--stats", str(tmp_path / "stats.json")],
         cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI="http://127.0.0.1:1"), capture_output=True, text=True, timeout=120)
     assert time.monotonic() - started < 40
@@ -195,10 +196,11 @@ def test_gpu_reproducibility_as_documented(prepared):
     (a seeded CUDA generator). The GEMMs are bit-identical run to run on the same GPU, driver and
     torch build (cuBLAS picks the same kernels); they are NOT bit-identical to the CPU or across GPU
     models, where accuracies agree only to about 1e-3."""
-    from pipeline import config, train
+    from pipeline import config
+    from pipeline.stages import train
 
     params = config.load(prepared["params"]).variant("base")
-    data = [prepare.load_prepared(prepared["data"] / f"{split}.pt") for split in ("train", "test")]
+    data = [tensors.load_split(prepared["data"] / f"{split}.pt") for split in ("train", "test")]
     first, second = (train.run(params, *data).history for _ in range(2))
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
     assert strip(first) == strip(second)
@@ -245,13 +247,13 @@ def test_kill_9_during_prepare_leaves_nothing_half_written(big_repo):
     assert "prepare:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     run_tool(["dvc", "repro", "prepare"], repo, env)
     assert not list(prepared_dir.glob(".tiny.*"))  # the killed run's temp dir is cleaned up
-    images, labels = prepare.load_prepared(prepared_dir / "tiny/train.pt")
+    images, labels = tensors.load_split(prepared_dir / "tiny/train.pt")
     assert images.shape == (20000, 784) and labels.shape == (20000,)
     assert abs(images.mean().item()) < 1e-4  # normalized with the train statistics
     prepare.run(repo / "data/raw/tiny", repo.parent / "uninterrupted", normalize=True)
     for split in ("train", "test"):  # the same tensors as a run nobody killed
-        for recovered, reference in zip(prepare.load_prepared(prepared_dir / f"tiny/{split}.pt"),
-                                        prepare.load_prepared(repo.parent / f"uninterrupted/{split}.pt")):
+        for recovered, reference in zip(tensors.load_split(prepared_dir / f"tiny/{split}.pt"),
+                                        tensors.load_split(repo.parent / f"uninterrupted/{split}.pt")):
             assert torch.equal(recovered, reference)
 
 

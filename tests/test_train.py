@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import config, fused, model as mlp, train
+from pipeline import config, fused, model as mlp
+from pipeline.stages import train
 from pipeline.losses import LOSSES
 from pipeline.errors import PipelineError
 from tests.conftest import REPO, make_split

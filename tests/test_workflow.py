@@ -34,5 +34,5 @@ def test_workflow_triggers_and_uses_the_readme_setup():
     assert set(triggers) == {"push", "pull_request", "schedule", "workflow_dispatch"}
     assert {"params.yaml", "dvc.yaml", "pipeline/**"} <= set(triggers["pull_request"]["paths"])
     commands = " ".join(step.get("run", "") for step in workflow["jobs"]["retrain"]["steps"])
-    assert "bin/setup" in commands and "dvc repro" in commands and "pipeline.report" in commands
+    assert "bin/setup" in commands and "dvc repro" in commands and "pipeline.ci_report" in commands
     assert "bin/setup" in (REPO / "README.md").read_text()

@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import config, idx
+from pipeline import cli, config, idx
 from pipeline.datasets import FILE_KINDS, DatasetSpec, resolve
-from pipeline.errors import PipelineError, stage_entry
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, write_json
 
 CHUNK_BYTES = 1 << 20
@@ -135,7 +136,7 @@ class Progress:
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the four IDX files")
     parser.add_argument("--record", type=Path, required=True, help="JSON: sources, hashes, MLflow run id")
     args = parser.parse_args()

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from pipeline import config, tracking
-from pipeline.errors import stage_entry
+from pipeline import cli, config, tracking
+from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
 
 
@@ -102,7 +102,7 @@ def draw_fit(path: Path, result: LinregResult) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the recovered w and b")
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()

@@ -9,8 +9,9 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from pipeline import config
-from pipeline.errors import PipelineError, stage_entry
+from pipeline import cli, config
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import pyplot, read_json, write_json, write_png, write_text
 
 CHAMPION_ALIAS = "champion"
@@ -117,7 +118,7 @@ def register_champion(name: str, train_metrics: dict, registered_model: str) -> 
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--results", type=Path, required=True, help="directory of <variant>/{train,eval}.json")
     parser.add_argument("--report", type=Path, required=True, help="Markdown table")
     parser.add_argument("--summary", type=Path, required=True, help="JSON metrics for dvc metrics show")

@@ -1,6 +1,6 @@
 """Benchmark: our training epoch against the matrix multiplies it needs and against d2l's DataLoader pipeline.
 
-`python -m pipeline.bench [--quick] [--device auto|cpu|cuda]` times, in one process and round by round so
+`python -m benchmarks.bench [--quick] [--device auto|cpu|cuda]` times, in one process and round by round so
 that drift hits all alike, one epoch (train + test evaluation) of: d2l's pipeline (torchvision FashionMNIST +
 ToTensor, DataLoader with 4 workers, the loops as the book writes them); our stage's own `train.train_epoch`
 + `train.evaluate` on the prepared tensors; only the GEMMs such an epoch needs; and our epoch at hidden width
@@ -26,9 +26,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import config, model as mlp, prepare, train
+from pipeline import config, model as mlp, tensors
+from pipeline.stages import prepare, train
 from pipeline.datasets import FILE_KINDS
-from pipeline.errors import PipelineError, stage_entry
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.losses import LOSSES
 
 EPOCHS = {"quick": 5, "full": 10}  # timed
@@ -241,7 +243,7 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
     with tempfile.TemporaryDirectory(prefix="bench.") as temp_name:
         temp = Path(temp_name)
         raw_dir, prepared_dir, source = bench_data(raw_dir, prepared_dir, temp, normalize)
-        train_data, test_data = (_on(device, prepare.load_prepared(prepared_dir / f"{split}.pt")) for split in SPLITS)
+        train_data, test_data = (_on(device, tensors.load_split(prepared_dir / f"{split}.pt")) for split in SPLITS)
         ours, net = our_epoch(params, device, train_data, test_data)
         # The floor: the same steps with hidden width 1, so the GEMMs cost ~nothing and what is left is the
         # per-step price of eager PyTorch (dispatch; autograd and the optimizer where fused.py does not
@@ -255,7 +257,7 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
         # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
         # (pixels / 255, as ToTensor gives), which tells the code's accuracy apart from what our
         # normalization adds; `seeds` > 1 repeats all three from scratch with the next seeds.
-        pixels = [_on(device, prepare.load_split(raw_dir, split)) for split in SPLITS]
+        pixels = [_on(device, prepare.read_raw_split(raw_dir, split)) for split in SPLITS]
         seed_list = [params.seed + offset for offset in range(seeds)]
         runs = [{"d2l": pipelines["d2l"], "ours": ours, "ours_d2l_inputs": our_epoch(params, device, *pixels)[0]}]
         for seed in seed_list[1:]:

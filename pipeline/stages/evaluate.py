@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import config, model as mlp
+from pipeline import cli, config, model as mlp
 from pipeline.datasets import class_names
-from pipeline.errors import stage_entry
+from pipeline.cli import stage_entry
 from pipeline.files import pyplot, read_json, write_json, write_png
-from pipeline.prepare import load_prepared
+from pipeline.tensors import load_split
 from pipeline.losses import LOSSES
 
 
@@ -73,7 +73,7 @@ def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[s
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True, help="directory with test.pt")
     parser.add_argument("--model", type=Path, required=True, help="model.pt written by train")
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load(args.params)
     train_metrics = read_json(args.train_metrics)
-    images, labels = load_prepared(args.data / "test.pt")
+    images, labels = load_split(args.data / "test.pt")
     names = class_names(params.data.dataset, int(labels.max()) + 1)
     loss = params.variant(args.variant).loss
     result = None if train_metrics["diverged"] else run(mlp.load(args.model), images, labels, len(names), loss)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import config, tracking
-from pipeline.errors import stage_entry
+from pipeline import cli, config, tracking
+from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.model import MODULE_ACTIVATIONS
 
@@ -184,7 +184,7 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of each model's accuracy")
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import config, fused, model as mlp
+from pipeline import cli, config, fused, model as mlp
 from pipeline.losses import LOSSES, LossFunction
-from pipeline.errors import PipelineError, stage_entry
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import write_json, write_text, write_torch
-from pipeline.prepare import load_prepared
+from pipeline.tensors import load_split
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
               "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
@@ -213,7 +214,7 @@ def log_model(net: nn.Module, example: torch.Tensor) -> str:
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and test.pt")
     parser.add_argument("--model", type=Path, required=True, help="model.pt to write (and model.json beside it)")
@@ -223,7 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load(args.params)
     train_params = params.variant(args.variant)
-    train_data, test_data = (load_prepared(args.data / f"{split}.pt") for split in ("train", "test"))
+    train_data, test_data = (load_split(args.data / f"{split}.pt") for split in ("train", "test"))
     resolve_device(train_params.device)  # fail on a missing device before touching MLflow
 
     from pipeline import tracking

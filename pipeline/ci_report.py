@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from pipeline import config
-from pipeline.errors import PipelineError, stage_entry
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import read_json
 
 

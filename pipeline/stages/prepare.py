@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config, idx
+from pipeline import cli, config, idx
 from pipeline.datasets import FILE_KINDS
-from pipeline.errors import PipelineError, stage_entry
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, write_json, write_torch
 
 
 def run(raw_dir: Path, out_dir: Path, normalize: bool) -> dict:
     """Write train.pt and test.pt ({"images": float32 [N, 784], "labels": int64 [N]}); return stats."""
-    splits = {split: load_split(raw_dir, split) for split in ("train", "test")}
+    splits = {split: read_raw_split(raw_dir, split) for split in ("train", "test")}
     train_images = splits["train"][0]
     # float64 for the statistics: a float32 sum over 47M pixels loses digits.
     mean, std = (train_images.double().mean().item(), train_images.double().std().item()) if normalize else (0.0, 1.0)
@@ -33,7 +34,7 @@ def run(raw_dir: Path, out_dir: Path, normalize: bool) -> dict:
             "train_class_counts": torch.bincount(train_labels).tolist()}
 
 
-def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_raw_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 in [0, 1], flattened to 784 columns, and labels as int64."""
     images = idx.read(raw_dir / FILE_KINDS[f"{split}_images"])
     labels = idx.read(raw_dir / FILE_KINDS[f"{split}_labels"])
@@ -42,18 +43,9 @@ def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images.reshape(len(images), -1).float().div_(255), labels.long()
 
 
-def load_prepared(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a prepared split back, refusing anything but plain tensors."""
-    try:
-        blob = torch.load(path, weights_only=True, map_location="cpu")
-        return blob["images"], blob["labels"]
-    except (OSError, RuntimeError, KeyError, TypeError) as error:
-        raise PipelineError(f"cannot read prepared data {path}: {str(error).splitlines()[0]}") from None
-
-
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("--raw", type=Path, required=True, help="directory of the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="directory for train.pt and test.pt")
     parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: normalization statistics")
