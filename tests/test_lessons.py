@@ -135,7 +135,7 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         (root / stage).mkdir()
         with open(root / f"{stage}.log", "w") as log:
             processes[stage] = subprocess.Popen(
-                [sys.executable, "-m", f"pipeline.{stage}", "--metrics", str(root / stage / "metrics.json"),
+                [sys.executable, "-m", f"lessons.{stage}.{stage}", "--metrics", str(root / stage / "metrics.json"),
                  "--plot", str(root / stage / "plot.png")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     for stage, process in processes.items():
         assert process.wait(timeout=300) == 0, f"{stage} failed:\n{(root / f'{stage}.log').read_text()[-4000:]}"
