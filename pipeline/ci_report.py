@@ -49,26 +49,35 @@ def new_divergences(params: config.Params, results: Path, base: str) -> list[str
     return newly
 
 
+def champion_line(summary: dict) -> str:
+    """Which variant was chosen, and what was registered under which alias."""
+    registered = summary.get("registered")
+    if not registered:
+        return "Champion: **none**"
+    return (f"Champion: **{summary['champion']}** (registered as `{registered['name']}` version {registered['version']}, "
+            f"seed {registered['seed']}, alias `{registered['alias']}`: {registered['why']})")
+
+
 def build(params: config.Params, base: str, results: Path, summary_path: Path, report_path: Path,
           curves: Path) -> tuple[str, list[str]]:
     """The Markdown report and the list of reasons it fails (empty when it passes)."""
     summary = read_json(summary_path)
     problems = []
     if summary["champion"] is None:
-        problems.append("no variant passes its gates, so there is no champion")
+        problems.append(f"no champion: {summary['selection']['reason']}")
     problems += [f"variant {name} diverged (it did not at {base})" for name in new_divergences(params, results, base)]
-    table = report_path.read_text().split("\n\n", 2)[1] if report_path.exists() else "(no comparison table)"
+    blocks = report_path.read_text().split("\n\n") if report_path.exists() else []
+    table = next((block for block in blocks if block.startswith("|")), "(no comparison table)")
     lines = [f"# Retraining report (against `{base}`)", "",
              "## Verdict", "", "**FAIL**: " + "; ".join(problems) if problems else "**PASS**", "",
              "## Params changed", "", dvc("params", "diff", base, "--md") or "No params changed.", "",
              "## Metrics changed", "", dvc("metrics", "diff", base, "--md") or "No metrics changed.", "",
              "## Variants", "", table, "",
-             f"Champion: **{summary['champion'] or 'none'}**"
-             + (f" (registered as `{params.mlflow.registered_model}` version {summary.get('champion_version')}, "
-                f"alias `champion`)" if summary["champion"] else ""), "",
+             champion_line(summary), "",
              f"Curves: `{curves}`; per-variant confusion matrices: `{results}/<variant>/confusion.png`.", "",
              "## MLflow runs", "", "| variant | run id |", "|---|---|"]
-    lines += [f"| {name} | `{row['mlflow_run_id']}` |" for name, row in summary["variants"].items()]
+    for name in summary["variants"]:
+        lines.append(f"| {name} | `{read_json(results / name / 'train.json')['mlflow_run_id']}` |")
     lines += [f"| compare | `{summary.get('mlflow_run_id')}` |", ""]
     return "\n".join(lines), problems
 

@@ -1,7 +1,8 @@
-"""MLflow for every stage: where runs go, how they are tagged, and runs that never stay RUNNING."""
+"""MLflow for every stage: where runs go, how they point back at DVC (lineage), and runs that never stay RUNNING."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,64 +10,216 @@ from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 
-# MLflow retries an unreachable server for minutes by default; a stage should fail in seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-runs view, not GenAI
+CODE_PATHS = ("pipeline", "lessons", "params.yaml", "dvc.yaml")  # what a run's results depend on besides data
+
+
+def _bound_http_retries() -> None:
+    # MLflow retries an unreachable server for minutes by default; a stage should fail in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The user's repo, also from inside an experiment's copy (DVC runs --queue and --temp in .dvc/tmp/exps/...)."""
+    here = (start or Path(os.environ.get("DVC_ROOT") or Path.cwd())).resolve()
+    for parent in (here, *here.parents):
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return parent.parent.parent.parent
+    return here
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the embedded SQLite store in the repo root, by absolute path."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the embedded SQLite store at the workspace root, by absolute path."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / 'mlflow.db'}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    """The commit the code came from: an experiment's baseline, not DVC's temporary commit of its copy."""
+    return os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "unknown"
+
+
+def code_dirty() -> bool:
+    """True when code or params differ from the commit (DVC's own outputs, such as dvc.lock, do not count)."""
+    changed = _git("status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS)
+    return changed is None or changed != ""
+
+
+def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
+    """What an MLflow run needs to find the DVC experiment, code and stage that made it."""
+    tags = {"stage": stage, "git_commit": git_commit(), "git_dirty": str(code_dirty()).lower(),
+            "host": socket.gethostname(), "pid": str(os.getpid())}
+    if variant:
+        tags["variant"] = variant
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def promotable() -> tuple[bool, str]:
+    """Whether this run may move @champion: committed code and params, not a DVC experiment, not CI off main."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return False, f"a DVC experiment ({os.environ['DVC_EXP_NAME']})"
+    ref = os.environ.get("GITHUB_REF")
+    if os.environ.get("CI") and ref and ref != "refs/heads/main":
+        return False, f"CI on {ref}, not on main"
+    if code_dirty():
+        return False, "code or params not committed"
+    return True, "committed code and params, workspace run"
 
 
 @contextmanager
 def stage_run(stage: str, experiment: str, variant: str | None = None,
               run_id: str | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage; ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM."""
+    """An MLflow run for one stage; ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
+    A store error anywhere inside becomes one line naming the store."""
     import mlflow
 
+    _bound_http_retries()
     uri = tracking_uri()
-    tags = {"stage": stage, "git_commit": git_commit(), **({"variant": variant} if variant else {})}
-    try:
+    with store_errors(uri):
         with _embedded_store_lock(uri):
             mlflow.set_tracking_uri(uri)
-            _use_experiment(mlflow, experiment, uri)
+            experiment_id = _use_experiment(mlflow, experiment, uri)
+        close_orphans(experiment_id)
         if run_id is None:
-            run = mlflow.start_run(run_name=f"{stage}@{variant}" if variant else stage, tags=tags)
+            run = mlflow.start_run(run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant))
         else:  # a later stage adding to the run that produced its inputs
             run = mlflow.start_run(run_id=run_id)
-            mlflow.set_tags({f"{stage}_git_commit": tags["git_commit"]})
-    except Exception as error:  # noqa: BLE001 - any failure to reach the store is the same user problem
-        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}") from None
+            mlflow.set_tags({f"{stage}_git_commit": git_commit()})
+    try:
+        with store_errors(uri):
+            yield run
+    except (KeyboardInterrupt, SystemExit):
+        _end_run(mlflow, "KILLED")
+        raise
+    except BaseException:
+        _end_run(mlflow, "FAILED")
+        raise
+    with store_errors(uri):
+        mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
+    """A nested run (one seed of a variant) under the active stage run; ends like its parent."""
+    import mlflow
+
+    run = mlflow.start_run(run_name=name, nested=True, tags=tags)
     try:
         yield run
     except (KeyboardInterrupt, SystemExit):
-        mlflow.end_run("KILLED")
+        _end_run(mlflow, "KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run(mlflow, "FAILED")
         raise
     mlflow.end_run("FINISHED")
 
 
 @contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """MLflow and database errors become one PipelineError line naming the store and the cause."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure inside the store is the same user problem
+        if not _from_store(error):
+            raise
+        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}") from None
+
+
+def _from_store(error: BaseException) -> bool:
+    module = type(error).__module__
+    return module.startswith(("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "psycopg2"))
+
+
+def _end_run(mlflow: Any, status: str) -> None:
+    """End the active run best-effort: the store may be what failed; the next stage closes what is left."""
+    try:
+        mlflow.end_run(status)
+    except Exception as error:  # noqa: BLE001
+        print(f"warning: could not end the MLflow run as {status}: {_first_line(error)}")
+
+
+def close_orphans(experiment_id: str) -> None:
+    """Runs left RUNNING by a process on this host that no longer exists (killed, or its store failed) end FAILED."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=200):
+        tags = run.data.tags
+        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
+            client.set_terminated(run.info.run_id, "FAILED")
+            print(f"closed MLflow run {run.info.run_id} ({run.info.run_name}): its process {tags['pid']} is gone")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
+    """The data a stage read as an MLflow dataset input: source is its path, digest its DVC hash."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # resolving a local path warns that it is not a registered source
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(Path(path).as_posix())
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36]), context=context)
+
+
+def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
+    """The hash DVC recorded for an output (e.g. data/prepared/fashion_mnist), from dvc.lock; None if absent."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return None
+    wanted = Path(path).as_posix().rstrip("/")
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path", "").rstrip("/") == wanted:
+                return out.get("md5")
+    return None
+
+
+@contextmanager
 def _embedded_store_lock(uri: str) -> Iterator[None]:
     """Serialize first contact with an SQLite store: MLflow creates and migrates its tables then,
-    and two stages doing that at once (dvc exp run --jobs 2, or two shells) corrupt the migration."""
+    and two stages doing that at once (dvc queue start -j 2, or two shells) corrupt the migration."""
     if not uri.startswith("sqlite:///"):
         yield
         return
     import fcntl
 
-    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+    try:
+        lock = open(uri.removeprefix("sqlite:///") + ".lock", "w")
+    except OSError as error:
+        raise PipelineError(f"MLflow tracking at {uri} failed: cannot create the store: {error.strerror}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -74,15 +227,25 @@ def _embedded_store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _use_experiment(mlflow: Any, name: str, uri: str) -> None:
-    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
-        # Keep artifacts beside the embedded store, not in whatever directory the stage runs from.
-        store_dir = Path(uri.removeprefix("sqlite:///")).parent
+def _use_experiment(mlflow: Any, name: str, uri: str) -> str:
+    """Create the experiment (artifacts beside an embedded store, tagged for the UI's training view); return its id."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise PipelineError(f"MLflow experiment {name!r} at {uri} is deleted; restore it (mlflow experiments "
+                            f"restore --experiment-id {experiment.experiment_id}) or choose another mlflow.experiment")
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
-            mlflow.create_experiment(name, artifact_location=(store_dir / "mlartifacts").as_uri())
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by a stage running beside this one
-    mlflow.set_experiment(name)
+        experiment = mlflow.get_experiment_by_name(name)
+    elif experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
 
 
 def _first_line(error: BaseException) -> str:

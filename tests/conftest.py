@@ -86,6 +86,12 @@ def copy_repo(destination: Path) -> Path:
     return destination
 
 
+def commit_all(repo: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message],
+                   cwd=repo, check=True)
+
+
 def edit_params(repo: Path, change) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -94,10 +100,13 @@ def edit_params(repo: Path, change) -> None:
 
 
 def tiny_params(tiny: dict, epochs: int = 2) -> callable:
-    """Params for the tiny dataset: its own hashes, one local source, two short variants and one that diverges."""
+    """Params for the tiny dataset: its own hashes, one local source, 100 validation images, two seeds,
+    two short variants and one that diverges."""
     def change(params: dict) -> None:
         params["data"].update(dataset="tiny", sources=[str(tiny["dir"])], sha256=tiny["sha256"])
-        params["train"].update(epochs=epochs, batch_size=64, device="auto")
+        params["prepare"].update(validation=100, seed=0)
+        params["train"].pop("seed", None)
+        params["train"].update(epochs=epochs, batch_size=64, device="auto", seeds=[0, 1])
         params["variants"] = {"base": {"init_std": 0.01}, "scratch": {"impl": "scratch"}, "exploding": {"lr": 1e5}}
     return change
 

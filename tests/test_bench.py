@@ -113,6 +113,7 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
     assert bound.get_total_flops() == real.get_total_flops() > 0
 
 
+@pytest.mark.integration
 def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
     result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--raw",
                        str(raw_dir), "--prepared", str(tmp_path / "absent"), "--workers", "0"], cwd=REPO, timeout=120)
@@ -129,6 +130,7 @@ def test_missing_data_is_generated_in_the_real_shapes(tmp_path, monkeypatch):
     assert prepare.read_raw_split(raw_dir, "test")[0].shape == (100, 784)
 
 
+@pytest.mark.integration
 def test_no_seeds_is_a_one_line_error():
     result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--seeds", "0"], cwd=REPO, timeout=120,
                       check=False)

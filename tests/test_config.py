@@ -62,6 +62,7 @@ def test_float_params_accept_yaml_exponents_and_integers(tmp_path):
     assert params.train.lr == 0.001 and params.train.init_std == 1.0
 
 
+@pytest.mark.integration
 def test_stage_exits_2_with_one_line_before_any_work(tmp_path):
     params = write_params(tmp_path, lambda p: p["variants"]["d2l"].update(optimizer="adamw"))
     result = subprocess.run(

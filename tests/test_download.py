@@ -224,6 +224,7 @@ def test_old_output_is_replaced_only_on_success(tiny_dataset: dict, mirrors, tmp
     assert list(tmp_path.glob(".raw.*.tmpdir")) == []
 
 
+@pytest.mark.integration
 def test_cli_with_bad_params_exits_2_with_one_error_line(tmp_path: Path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["timeout_s"] = -1

@@ -40,46 +40,62 @@ def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
     return seen
 
 
-def stages() -> list[tuple[str, dict]]:
-    return [(f"{prefix}{name}", stage.get("do", stage))
-            for prefix, pipeline in (("", DVC_YAML), ("mnist:", MNIST_YAML))
+def stages() -> list[tuple[str, dict, str]]:
+    """(name, stage, prefix of repo paths in its deps): the MNIST project lists ../../pipeline/... from its folder."""
+    return [(f"{label}{name}", stage.get("do", stage), prefix)
+            for label, pipeline, prefix in (("", DVC_YAML, ""), ("mnist:", MNIST_YAML, "../../"))
             for name, stage in pipeline["stages"].items()]
 
 
-@pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
-def test_stage_deps_list_exactly_the_modules_it_imports(name, stage):
-    module = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
-    expected = {module_file(imported).as_posix() for imported in imported_modules(module)}
+def stage_module(stage: dict) -> str:
+    return re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+
+
+@pytest.mark.parametrize("name, stage, prefix", stages(), ids=[name for name, _, _ in stages()])
+def test_stage_deps_list_exactly_the_modules_it_imports(name, stage, prefix):
+    expected = {prefix + module_file(imported).as_posix() for imported in imported_modules(stage_module(stage))}
     listed = {dep for dep in stage["deps"] if dep.endswith(".py")}
     assert listed == expected
 
 
-@pytest.mark.parametrize("name, stage", stages(), ids=[name for name, _ in stages()])
-def test_stage_deps_exist_or_are_outputs_of_other_stages(name, stage):
+@pytest.mark.parametrize("name, stage, prefix", stages(), ids=[name for name, _, _ in stages()])
+def test_stage_deps_exist_or_are_outputs_of_other_stages(name, stage, prefix):
+    base = REPO if not prefix else REPO / "lessons/mnist"
     for dep in stage["deps"]:
-        if "${" not in dep and not dep.startswith(("results", "models", "data", "lessons/mnist/")):
-            assert (REPO / dep).exists(), dep
+        if "${" not in dep and not dep.startswith(("results", "models", "data", "metrics")):
+            assert (base / dep).exists(), dep
 
 
 def test_variant_stages_iterate_over_the_variants_in_params():
     for pipeline in (DVC_YAML, MNIST_YAML):
         assert pipeline["stages"]["train"]["foreach"] == "${variants}"
         assert pipeline["stages"]["evaluate"]["foreach"] == "${variants}"
-    assert "variants" in DVC_YAML["stages"]["compare"]["params"]
-    assert "variants" in MNIST_YAML["stages"]["compare"]["params"][0]["lessons/mnist/params.yaml"]
+        assert "variants" in pipeline["stages"]["compare"]["params"]
 
 
-def test_mnist_stages_read_the_mnist_params_and_write_under_lessons():
+@pytest.mark.parametrize("pipeline, params", [(DVC_YAML, "params.yaml"), (MNIST_YAML, "lessons/mnist/params.yaml")])
+def test_top_level_plots_overlay_every_variant(pipeline, params):
+    variants = set(yaml.safe_load((REPO / params).read_text())["variants"])
+    for plot in pipeline["plots"]:
+        (definition,) = plot.values()
+        assert {path.split("/")[1] for path in definition["y"]} == variants
+
+
+def test_the_mnist_project_runs_the_root_stages_with_its_own_params_and_outputs():
+    assert (REPO / "lessons/mnist/.dvc/config").exists()  # its own DVC project: the root dvc status ignores it
     for name, stage in MNIST_YAML["stages"].items():
         stage = stage.get("do", stage)
-        assert "--params lessons/mnist/params.yaml" in stage["cmd"] and stage["wdir"] == "../.."
+        root = DVC_YAML["stages"][name].get("do", DVC_YAML["stages"][name])
+        assert stage_module(stage) == stage_module(root)
+        assert stage["cmd"].startswith("cd ../.. && ") and "--params lessons/mnist/params.yaml" in stage["cmd"]
+        options = lambda cmd: re.findall(r"(--[\w-]+) ", cmd.replace(" --params lessons/mnist/params.yaml", ""))
+        assert options(stage["cmd"]) == options(root["cmd"]), name
         for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             path = next(iter(out)) if isinstance(out, dict) else out
-            assert path.startswith("lessons/mnist/"), (name, path)
+            assert not path.startswith(("..", "/")), (name, path)  # inside lessons/mnist
 
 
 def test_every_stage_module_has_a_main():
-    for _, stage in stages():
-        module = re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
-        tree = ast.parse((REPO / module_file(module)).read_text())
+    for _, stage, _ in stages():
+        tree = ast.parse((REPO / module_file(stage_module(stage))).read_text())
         assert "main" in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}

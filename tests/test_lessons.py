@@ -146,6 +146,7 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ("linreg", {"loss", "b", "b_error", "w_0", "w_0_error", "w_1", "w_1_error"}),
     ("spiral", {"linear_train_accuracy", "relu_train_accuracy", "relu_test_accuracy", "relu_final_loss", "relu_loss"}),
 ])
+@pytest.mark.integration
 def test_stage_cli_writes_its_outputs_and_a_finished_mlflow_run(stage_runs, stage, metric_keys):
     from mlflow import MlflowClient
 

@@ -16,6 +16,8 @@ import yaml
 from pipeline.datasets import BUILT_IN
 from tests.conftest import copy_repo, run_tool, tool_env
 
+pytestmark = pytest.mark.integration
+
 VARIANTS = {"mlp_512": {"hidden": [512]}, "mlp_512_mse": {"loss": "mse", "lr": 0.5},
             "mlp_512_l1": {"loss": "l1", "lr": 0.5}}
 

@@ -1,4 +1,9 @@
-"""End to end: a real `dvc repro` on small IDX files in a copy of the repo, logging to a real `mlflow server`."""
+"""End to end: a real `dvc repro` on small IDX files in a copy of the repo, logging to a real `mlflow server`.
+
+One module fixture plays the whole story once (first repro, a repro with nothing changed, a one-variant change,
+a gate change) and records what each step showed; every test only reads that record, so each passes alone and
+in any order.
+"""
 from __future__ import annotations
 
 import json
@@ -6,151 +11,173 @@ import re
 import sys
 
 import pytest
+import yaml
 
-from tests.conftest import copy_repo, edit_params, run_tool, tiny_params, tool_env
+from tests.conftest import commit_all, copy_repo, edit_params, run_tool, tiny_params, tool_env
+
+pytestmark = pytest.mark.integration
 
 DATA_STAGES = ["download", "prepare"]
 VARIANT_STAGES = [f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")]
-
-
-def commit_all(repo, message: str) -> None:
-    run_tool(["git", "add", "-A"], repo)
-    run_tool(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)
 
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_dataset, mlflow_server):
-    """The repo copy after one full `dvc repro`, with its env and first output."""
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    edit_params(repo, tiny_params(tiny_dataset))
-    env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
-    first = run_tool(["dvc", "repro"], repo, env)
-    commit_all(repo, "trained")
-    return {"repo": repo, "env": env, "uri": mlflow_server, "first": first.stdout}
+def runs_by_name(client) -> dict:
+    """The latest run of each name in the pipeline's experiment."""
+    experiment = client.get_experiment_by_name("d2l-mlp")
+    runs = {}
+    for run in sorted(client.search_runs([experiment.experiment_id]), key=lambda run: run.info.start_time):
+        runs[run.info.run_name] = run
+    return runs
+
+
+def report(repo, env, *args: str):
+    return run_tool([sys.executable, "-m", "pipeline.ci_report", *args], repo, env, check=False)
 
 
 @pytest.fixture(scope="module")
-def client(pipeline):
+def story(tmp_path_factory, tiny_dataset, mlflow_server):
+    """What each step of a user's session showed, recorded once."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=pipeline["uri"])
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    edit_params(repo, tiny_params(tiny_dataset))
+    commit_all(repo, "tiny params")  # committed code and params: this run may move @champion
+    env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    record = {"repo": repo, "uri": mlflow_server, "commit": run_tool(["git", "rev-parse", "HEAD"], repo).stdout.strip()}
+    record["first"] = run_tool(["dvc", "repro"], repo, env).stdout
+    record["files"] = {path.relative_to(repo).as_posix(): path.read_bytes() for folder in ("results", "reports", "models")
+                       for path in (repo / folder).rglob("*") if path.is_file()}
+    record["lock"] = yaml.safe_load((repo / "dvc.lock").read_text())
+    record["runs"] = runs_by_name(client)
+    record["champion"] = client.get_model_version_by_alias("d2l-mlp", "champion")
+    commit_all(repo, "trained")
+    before = len(client.search_runs([record["runs"]["compare"].info.experiment_id]))
+    record["second"] = run_tool(["dvc", "repro"], repo, env).stdout
+    record["runs_logged_by_second"] = len(client.search_runs([record["runs"]["compare"].info.experiment_id])) - before
+    edit_params(repo, lambda params: params["variants"]["scratch"].update(lr=0.05))
+    record["changed"] = run_tool(["dvc", "repro"], repo, env).stdout
+    record["status_after_change"] = run_tool(["dvc", "status"], repo, env).stdout
+    record["report"] = report(repo, env, "--base", "HEAD")
+    record["champion_after_change"] = client.get_model_version_by_alias("d2l-mlp", "champion")
+    record["challenger"] = client.get_model_version_by_alias("d2l-mlp", "challenger")
+    record["compare_after_change"] = json.loads((repo / "reports/compare.json").read_text())
+    commit_all(repo, "scratch lr 0.05")
+    edit_params(repo, lambda params: params["evaluate"].update(max_train_loss=1e-9))
+    record["gates_changed"] = run_tool(["dvc", "repro"], repo, env).stdout
+    record["failing_report"] = report(repo, env, "--base", "HEAD")
+    record["no_fail_report"] = report(repo, env, "--base", "HEAD", "--no-fail")
+    return record
 
 
-def runs_by_name(client) -> dict:
-    experiment = client.get_experiment_by_name("d2l-mlp")
-    return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+def read(story, path: str):
+    return json.loads(story["files"][path])
 
 
-def test_first_repro_runs_every_stage_and_writes_outputs(pipeline):
-    # lessons/mnist/dvc.yaml is not the default target: no MNIST stage runs.
-    assert sorted(stages_run(pipeline["first"])) == sorted(DATA_STAGES + VARIANT_STAGES + ["compare", "linreg", "spiral"])
-    repo = pipeline["repo"]
-    for path in ["data/raw/tiny/train-images-idx3-ubyte", "data/prepared/tiny/train.pt", "metrics/prepare.json",
-                 "models/base/model.pt", "results/scratch/eval.json", "results/base/confusion.png",
-                 "reports/compare.md", "reports/curves.png"]:
-        assert (repo / path).is_file(), path
-    stats = json.loads((repo / "metrics/prepare.json").read_text())
-    assert stats["train_count"] == 600 and stats["test_count"] == 200 and stats["normalize"] is True
-    history = (repo / "results/base/history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds" and len(history) == 3
+def test_first_repro_runs_every_stage_and_writes_outputs(story):
+    assert sorted(stages_run(story["first"])) == sorted(DATA_STAGES + VARIANT_STAGES + ["compare", "linreg", "spiral"])
+    for path in ["models/base/seed-0.pt", "models/base/seed-1.pt", "results/scratch/eval.json",
+                 "results/base/metrics.json", "results/base/confusion.png", "reports/compare.md", "reports/curves.png"]:
+        assert path in story["files"], path
+    stats = json.loads((story["repo"] / "metrics/prepare.json").read_text())
+    assert (stats["train_count"], stats["validation_count"], stats["test_count"]) == (500, 100, 200)
+    history = story["files"]["results/base/history.csv"].decode().splitlines()
+    assert history[0].startswith("epoch,seeds,train_loss,train_loss_std,") and len(history) == 3
 
 
-def test_every_stage_logged_one_tagged_run(pipeline, client):
-    runs = runs_by_name(client)
+def test_every_stage_logged_one_run_with_its_lineage(story):
+    runs = story["runs"]
     assert {"download", "prepare", "train@base", "train@scratch", "compare"} <= set(runs)
-    commit = run_tool(["git", "rev-parse", "HEAD~1"], pipeline["repo"]).stdout.strip()  # HEAD is "trained"
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
-        assert run.data.tags["git_commit"] == commit
-    assert runs["download"].data.params["train_images.sha256"] == json.loads(
-        (pipeline["repo"] / "data/raw/tiny.json").read_text())["files"]["train_images"]["sha256"]
+        assert run.data.tags["git_commit"] == story["commit"] and run.data.tags["git_dirty"] == "false", name
+        assert run.data.tags["stage"] == name.split("@")[0].split(" ")[0], name
     assert runs["train@scratch"].data.tags["variant"] == "scratch"
-    assert runs["train@base"].data.tags["device"] == "cpu"  # device: auto on a machine without a GPU
+    prepare_record = json.loads((story["repo"] / "data/prepared/tiny.run.json").read_text())
+    assert prepare_record["mlflow_run_id"] == runs["prepare"].info.run_id
 
 
-def test_diverged_variant_is_a_result_and_compare_still_runs(pipeline, client):
-    repo = pipeline["repo"]
-    train = json.loads((repo / "results/exploding/train.json").read_text())
-    assert train["diverged"] is True and train["diverged_epoch"] == 1 and train["diverged_step"] >= 1
-    assert not (repo / "models/exploding/model.pt").exists()
-    assert json.loads((repo / "models/exploding/model.json").read_text())["diverged"] is True
-    evaluation = json.loads((repo / "results/exploding/eval.json").read_text())
-    assert evaluation["passed"] is False and evaluation["test_accuracy"] is None
-    assert "FAIL: diverged at epoch 1" in (repo / "reports/compare.md").read_text()
-    summary = json.loads((repo / "reports/compare.json").read_text())
-    assert summary["champion"] in ("base", "scratch")
-    run = runs_by_name(client)["train@exploding"]
+def test_each_seed_is_a_nested_run_and_the_variant_run_holds_the_means(story):
+    runs, train = story["runs"], read(story, "results/base/train.json")
+    parent = runs["train@base"]
+    assert train["mlflow_run_id"] == parent.info.run_id and train["seeds"] == [0, 1]
+    for seed in ("0", "1"):
+        child = runs[f"train@base seed {seed}"]
+        assert child.info.run_id == train["per_seed"][seed]["mlflow_run_id"]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.tags["seed"] == seed
+        assert "test_accuracy" in child.data.metrics and "validation_accuracy" in child.data.metrics
+    assert parent.data.metrics["validation_accuracy_mean"] == pytest.approx(train["aggregate"]["validation_accuracy_mean"])
+    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(read(story, "results/base/eval.json")["test_accuracy_mean"])
+    assert parent.data.params["lr"] == "0.1" and parent.data.params["impl"] == "module"
+
+
+def test_training_data_is_an_mlflow_dataset_whose_digest_is_the_dvc_hash(story):
+    from mlflow import MlflowClient
+
+    dvc_hash = next(out["md5"] for out in story["lock"]["stages"]["prepare"]["outs"]
+                    if out["path"] == "data/prepared/tiny")
+    run = MlflowClient(tracking_uri=story["uri"]).get_run(story["runs"]["train@base"].info.run_id)
+    inputs = {entry.dataset.name: entry.dataset for entry in run.inputs.dataset_inputs}
+    assert set(inputs) == {"tiny-train", "tiny-validation"}
+    assert inputs["tiny-train"].digest == dvc_hash
+    assert "data/prepared/tiny/train.pt" in inputs["tiny-train"].source
+
+
+def test_diverged_variant_is_a_result_and_compare_still_runs(story):
+    train = read(story, "results/exploding/train.json")
+    assert train["diverged"] is True and all(seed["diverged_epoch"] == 1 for seed in train["per_seed"].values())
+    assert "models/exploding/seed-0.pt" not in story["files"]
+    assert json.loads(story["files"]["models/exploding/seed-0.json"])["diverged"] is True
+    evaluation = read(story, "results/exploding/eval.json")
+    assert evaluation["passed"] is False and evaluation["test_accuracy_mean"] is None
+    assert "2 diverged" in story["files"]["reports/compare.md"].decode()
+    assert read(story, "reports/compare.json")["champion"] in ("base", "scratch")
+    run = story["runs"]["train@exploding seed 0"]
     assert run.data.tags["diverged"] == "true" and run.data.metrics["diverged"] == 1.0
 
 
-def test_variant_run_holds_params_step_metrics_and_evaluation(pipeline, client):
-    run = runs_by_name(client)["train@base"]
-    train = json.loads((pipeline["repo"] / "results/base/train.json").read_text())
-    assert train["mlflow_run_id"] == run.info.run_id
-    assert run.data.params["lr"] == "0.1" and run.data.params["impl"] == "module"
-    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "test_accuracy")]
-    assert steps == [1, 2]
-    evaluation = json.loads((pipeline["repo"] / "results/base/eval.json").read_text())
-    assert run.data.metrics["eval_test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
-    assert "gate_train_loss" in run.data.metrics and run.data.tags["gates"] in ("pass", "fail")
+def test_the_clean_run_registers_its_choice_as_champion_with_its_own_test_accuracy(story):
+    summary = read(story, "reports/compare.json")
+    champion = story["champion"]
+    assert summary["registered"]["alias"] == "champion" and int(champion.version) == summary["champion_version"]
+    chosen = read(story, f"results/{summary['champion']}/train.json")
+    assert champion.run_id == chosen["mlflow_run_id"] and summary["champion_model_uri"] == chosen["mlflow_model_uri"]
+    evaluation = read(story, f"results/{summary['champion']}/eval.json")
+    assert summary["champion_test_accuracy"] == evaluation["per_seed"][str(chosen["mlflow_model_seed"])]["test_accuracy"]
 
 
-def test_logged_and_registered_models_load_and_predict(pipeline, client):
-    import mlflow.pytorch
-    import torch
-
-    mlflow.set_tracking_uri(pipeline["uri"])
-    x = torch.rand(3, 784)
-    run = runs_by_name(client)["train@base"]
-    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    assert logged(x).shape == (3, 10)
-    summary = json.loads((pipeline["repo"] / "reports/compare.json").read_text())
-    champion = client.get_model_version_by_alias("d2l-mlp", "champion")
-    assert champion.run_id == summary["variants"][summary["champion"]]["mlflow_run_id"]
-    registered = mlflow.pytorch.load_model("models:/d2l-mlp@champion")
-    assert registered(x).argmax(1).shape == (3,)
+def test_second_repro_runs_nothing_and_logs_nothing(story):
+    assert stages_run(story["second"]) == [] and story["runs_logged_by_second"] == 0
 
 
-def test_second_repro_runs_nothing_and_logs_nothing(pipeline, client):
-    before = len(runs_by_name(client))
-    output = run_tool(["dvc", "repro"], pipeline["repo"], pipeline["env"]).stdout
-    assert stages_run(output) == []
-    assert len(runs_by_name(client)) == before
+def test_changing_one_variant_reruns_only_it_and_compare_and_leaves_the_champion(story):
+    assert stages_run(story["changed"]) == ["train@scratch", "evaluate@scratch", "compare"]
+    assert "up to date" in story["status_after_change"]
+    assert story["champion_after_change"].version == story["champion"].version  # uncommitted params: challenger
+    assert story["compare_after_change"]["registered"]["alias"] == "challenger"
+    assert story["challenger"].version == str(story["compare_after_change"]["registered"]["version"])
 
 
-def test_changing_one_variant_reruns_only_it_and_compare(pipeline, client):
-    edit_params(pipeline["repo"], lambda params: params["variants"]["scratch"].update(lr=0.05))
-    output = run_tool(["dvc", "repro"], pipeline["repo"], pipeline["env"]).stdout
-    assert stages_run(output) == ["train@scratch", "evaluate@scratch", "compare"]
-    status = run_tool(["dvc", "status", "dvc.yaml"], pipeline["repo"], pipeline["env"]).stdout  # not lessons/mnist
-    assert "up to date" in status
-
-
-def report(pipeline, *args: str):
-    return run_tool([sys.executable, "-m", "pipeline.ci_report", *args], pipeline["repo"], pipeline["env"], check=False)
-
-
-def test_report_shows_params_and_metrics_diff_against_the_base(pipeline):
-    result = report(pipeline, "--base", "HEAD")  # after the variant change above, uncommitted
+def test_report_shows_params_and_meaningful_metrics_diff_against_the_base(story):
+    result = story["report"]
     assert result.returncode == 0, result.stderr
     assert "**PASS**" in result.stdout
     params_section = result.stdout.split("## Params changed")[1].split("## Metrics changed")[0]
     assert "variants.scratch.lr" in params_section and "0.05" in params_section
     metrics_section = result.stdout.split("## Metrics changed")[1].split("## Variants")[0]
-    assert "results/scratch/train.json" in metrics_section and "results/base/train.json" not in metrics_section
+    assert "results/scratch/metrics.json" in metrics_section and "results/base/" not in metrics_section
+    assert "run_id" not in metrics_section and "seconds" not in metrics_section
     assert "| scratch |" in result.stdout and "Champion: **" in result.stdout
 
 
-def test_report_fails_when_no_variant_passes_unless_told_not_to(pipeline):
-    commit_all(pipeline["repo"], "scratch lr 0.05")
-    edit_params(pipeline["repo"], lambda params: params["evaluate"].update(max_train_loss=1e-9))
-    output = run_tool(["dvc", "repro"], pipeline["repo"], pipeline["env"]).stdout
-    assert "compare" in stages_run(output) and not any(stage.startswith("train") for stage in stages_run(output))
-    failing = report(pipeline, "--base", "HEAD")
+def test_report_fails_when_no_variant_passes_unless_told_not_to(story):
+    stages = stages_run(story["gates_changed"])
+    assert "compare" in stages and not any(stage.startswith("train") for stage in stages)
+    failing = story["failing_report"]
     assert failing.returncode == 1 and "no variant passes its gates" in failing.stdout
     assert "evaluate.max_train_loss" in failing.stdout
-    assert report(pipeline, "--base", "HEAD", "--no-fail").returncode == 0
+    assert story["no_fail_report"].returncode == 0

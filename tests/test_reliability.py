@@ -16,8 +16,10 @@ import yaml
 
 from pipeline import tensors
 from pipeline.stages import prepare
-from tests.conftest import (REPO, copy_repo, edit_params, make_split, idx_bytes, run_tool, tiny_params,
+from tests.conftest import (REPO, copy_repo, edit_params, idx_bytes, make_split, run_tool, tiny_params,
                             tool_env)
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +30,24 @@ def prepared(tmp_path_factory, tiny_dataset) -> dict:
     raw.mkdir()
     for kind, data in tiny_dataset["files"].items():
         (raw / prepare.FILE_KINDS[kind]).write_bytes(data)
-    prepare.run(raw, root / "data", normalize=True)
+    figures = prepare.run(raw, root / "data", normalize=True, validation=100, seed=0)
+    (root / "stats.json").write_text(json.dumps(figures))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     tiny_params(tiny_dataset, epochs=3)(params)
+    params["train"]["seeds"] = [0]
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"data": root / "data", "params": root / "params.yaml"}
+    return {"data": root / "data", "params": root / "params.yaml", "stats": root / "stats.json"}
 
 
-def train_command(prepared: dict, out: Path, variant: str = "base", checkpoint: bool = False) -> list[str]:
-    command = [sys.executable, "-m", "pipeline.stages.train", "--params", str(prepared["params"]), "--variant", variant,
-               "--data", str(prepared["data"]), "--model", str(out / "model.pt"),
-               "--metrics", str(out / "train.json"), "--history", str(out / "history.csv")]
-    return command + (["--checkpoint", str(out / "ckpt.pt")] if checkpoint else [])
+def train_command(prepared: dict, out: Path, variant: str = "base") -> list[str]:
+    """The train stage run directly (not under dvc), writing into `out`."""
+    return [sys.executable, "-m", "pipeline.stages.train", "--params", str(prepared["params"]), "--variant", variant,
+            "--data", str(prepared["data"]), "--stats", str(prepared["stats"]), "--models", str(out / "models"),
+            "--summary", str(out / "train.json"), "--history", str(out / "history.csv")]
+
+
+def statuses(uri: str, since: float = 0) -> dict[str, str]:
+    return {run.info.run_name: run.info.status for run in runs(uri, since)}
 
 
 def limit_file_size(limit_bytes: int):
@@ -81,11 +89,11 @@ def test_signal_during_train_ends_the_run_killed_and_writes_nothing(prepared, tm
     prepared["params"].write_text(yaml.safe_dump(params))
     process = subprocess.Popen(train_command(prepared, tmp_path / "out"), cwd=REPO, env=tool_env(
         MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith("epoch   1")  # training is under way
+    assert process.stdout.readline().startswith("seed 0  epoch   1")  # training is under way
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "interrupted" in stderr
-    assert [run.info.status for run in runs(uri)] == ["KILLED"]
+    assert statuses(uri) == {"train@base": "KILLED", "train@base seed 0": "KILLED"}
     assert not (tmp_path / "out").exists()
 
 
@@ -125,44 +133,26 @@ def test_signal_during_mlflow_logging_still_ends_the_run_killed(tmp_path, signum
     assert [run.info.status for run in runs(uri)] == ["KILLED", "KILLED"]
 
 
-def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monkeypatch):
-    from pipeline import cli
-
-    store_module = {"__name__": "sqlalchemy.orm.session"}
-    exec("import sys\ndef current_frame():\n    return sys._getframe()", store_module)
-    timers = []
-    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
-    monkeypatch.setattr(errors, "_pending", [])
-    cli._interrupt(signal.SIGTERM, store_module["current_frame"]())  # deferred: no exception
-    assert cli._pending == [signal.SIGTERM] and timers == [cli.RETRY_S]
-    cli._retry_pending(signal.SIGALRM, store_module["current_frame"]())  # still inside: deferred again
-    assert timers == [cli.RETRY_S] * 2
-    with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
-        cli._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
-    assert cli._pending == []
-    cli._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
-
-
 def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, tmp_path, mlflow_server):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.pt").write_bytes(b"the previous model")
+    (out / "models").mkdir(parents=True)
+    (out / "models/seed-0.pt").write_bytes(b"the previous model")
     started = time.time()
     # 600 kB: the small files fit; the 800 kB state dict does not. (The store is a server: not limited.)
     result = subprocess.run(train_command(prepared, out), cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI=mlflow_server),
                             capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(600_000))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {out / 'model.pt'}: File too large"
-    assert (out / "model.pt").read_bytes() == b"the previous model"
-    assert sorted(path.name for path in out.iterdir()) == ["model.pt"]  # no temp file left behind
-    assert [run.info.status for run in runs(mlflow_server, since=started)] == ["FAILED"]
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {out / 'models/seed-0.pt'}: File too large"
+    assert (out / "models/seed-0.pt").read_bytes() == b"the previous model"
+    assert sorted(path.name for path in out.rglob("*")) == ["models", "seed-0.pt"]  # no temp file left behind
+    assert statuses(mlflow_server, since=started)["train@base"] == "FAILED"
 
 
 def test_unreachable_tracking_server_fails_in_seconds_naming_it(tmp_path, tiny_dataset):
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.stages.prepare", "--raw", str(tiny_dataset["dir"]), "--out", str(tmp_path / "p"),
-         "--stats", str(tmp_path / "stats.json")],
+         "--stats", str(tmp_path / "stats.json"), "--run-record", str(tmp_path / "run.json")],
         cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI="http://127.0.0.1:1"), capture_output=True, text=True, timeout=120)
     assert time.monotonic() - started < 40
     assert result.returncode == 2
@@ -180,14 +170,15 @@ def test_two_trainings_at_once_share_the_embedded_store_and_agree(prepared, tmp_
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr
         assert "database is locked" not in stderr
-    assert sorted(run.info.status for run in runs(uri)) == ["FINISHED", "FINISHED"]
+    assert {run.info.status for run in runs(uri)} == {"FINISHED"} and len(runs(uri)) == 4  # 2 variants, 2 seeds
     # Same seed on CPU: identical figures, apart from wall-clock time and run ids.
-    metrics = [json.loads((tmp_path / name / "train.json").read_text()) for name in ("a", "b")]
-    volatile = {"mlflow_run_id", "mlflow_model_uri", "train_seconds", "epoch_seconds_median"}
-    assert [{k: v for k, v in m.items() if k not in volatile} for m in metrics][0] == \
-        [{k: v for k, v in m.items() if k not in volatile} for m in metrics][1]
+    volatile = {"mlflow_run_id", "train_seconds"}
+    seeds = [{seed: {k: v for k, v in figures.items() if k not in volatile}
+              for seed, figures in json.loads((tmp_path / name / "train.json").read_text())["per_seed"].items()}
+             for name in ("a", "b")]
+    assert seeds[0] == seeds[1]
     assert comparable(tmp_path / "a/history.csv") == comparable(tmp_path / "b/history.csv")
-    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()
+    assert (tmp_path / "a/models/seed-0.pt").read_bytes() == (tmp_path / "b/models/seed-0.pt").read_bytes()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -200,8 +191,8 @@ def test_gpu_reproducibility_as_documented(prepared):
     from pipeline.stages import train
 
     params = config.load(prepared["params"]).variant("base")
-    data = [tensors.load_split(prepared["data"] / f"{split}.pt") for split in ("train", "test")]
-    first, second = (train.run(params, *data).history for _ in range(2))
+    data = [tensors.load_split(prepared["data"] / f"{split}.pt") for split in ("train", "validation")]
+    first, second = (train.run(params, 0, *data).history for _ in range(2))
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
     assert strip(first) == strip(second)
 
@@ -224,14 +215,16 @@ def big_repo(tmp_path_factory, mlflow_server) -> dict:
     repo = copy_repo(tmp_path_factory.mktemp("big_repo"))
     edit_params(repo, tiny_params({"dir": source, "sha256": sha256}, epochs=6))
     edit_params(repo, lambda params: params.update(variants={"base": {"init_std": 0.01}}))
+    edit_params(repo, lambda params: params["train"].update(seeds=[0]))
     env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
     run_tool(["dvc", "repro", "download"], repo, env)
     return {"repo": repo, "env": env}
 
 
 def kill_dvc_when(repo: Path, env: dict, stage: str, ready) -> None:
-    process = subprocess.Popen(["dvc", "repro", stage], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    """Run only `stage` (forced, so it runs whatever ran before) and kill dvc and the stage when `ready()`."""
+    process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(ready)
     finally:
@@ -239,57 +232,72 @@ def kill_dvc_when(repo: Path, env: dict, stage: str, ready) -> None:
         process.wait(timeout=30)
 
 
+def snapshot(paths: list[Path]) -> dict:
+    """What is at each path now (None when absent): a failed stage must leave exactly this."""
+    def contents(path: Path):
+        if path.is_dir():
+            return {child.relative_to(path).as_posix(): child.read_bytes() for child in path.rglob("*") if child.is_file()}
+        return path.read_bytes() if path.exists() else None
+    return {path: contents(path) for path in paths}
+
+
 def test_kill_9_during_prepare_leaves_nothing_half_written(big_repo):
     repo, env = big_repo["repo"], big_repo["env"]
     prepared_dir = repo / "data/prepared"
     kill_dvc_when(repo, env, "prepare", lambda: any(prepared_dir.glob(".tiny.*.tmpdir/train.pt")))
-    assert not (prepared_dir / "tiny").exists() and not (repo / "metrics/prepare.json").exists()
+    assert not (prepared_dir / "tiny").exists()  # DVC removed the old output; nothing half-written took its place
     assert "prepare:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     run_tool(["dvc", "repro", "prepare"], repo, env)
     assert not list(prepared_dir.glob(".tiny.*"))  # the killed run's temp dir is cleaned up
     images, labels = tensors.load_split(prepared_dir / "tiny/train.pt")
-    assert images.shape == (20000, 784) and labels.shape == (20000,)
+    assert images.shape == (19900, 784) and labels.shape == (19900,)  # 100 held out for validation
     assert abs(images.mean().item()) < 1e-4  # normalized with the train statistics
-    prepare.run(repo / "data/raw/tiny", repo.parent / "uninterrupted", normalize=True)
-    for split in ("train", "test"):  # the same tensors as a run nobody killed
+    prepare.run(repo / "data/raw/tiny", repo.parent / "uninterrupted", normalize=True, validation=100, seed=0)
+    for split in ("train", "validation", "test"):  # the same tensors as a run nobody killed
         for recovered, reference in zip(tensors.load_split(prepared_dir / f"tiny/{split}.pt"),
                                         tensors.load_split(repo.parent / f"uninterrupted/{split}.pt")):
             assert torch.equal(recovered, reference)
 
 
-def test_kill_9_during_train_resumes_to_the_uninterrupted_result(big_repo, tmp_path):
+def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrupted_result(big_repo, tmp_path):
     repo, env = big_repo["repo"], big_repo["env"]
     run_tool(["dvc", "repro", "prepare"], repo, env)
-    checkpoint = repo / "checkpoints/base.pt"
+    outputs = [repo / "models/base", repo / "results/base/train.json", repo / "results/base/history.csv"]
+    before = snapshot(outputs)
+    checkpoint = repo / "checkpoints/base/seed-0.pt"
     kill_dvc_when(repo, env, "train@base", lambda: checkpoint.exists()
                   and torch.load(checkpoint, weights_only=True)["epoch"] >= 2)
-    assert not (repo / "models/base").exists() and not (repo / "results/base/train.json").exists()
+    assert snapshot(outputs) == before  # persistent outputs: the last good ones stay
     assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
-    resumed = run_tool(["dvc", "repro", "train@base"], repo, env).stdout
-    assert "resuming from checkpoints/base.pt after epoch" in resumed
+    resumed = run_tool(["dvc", "repro", "--force", "--single-item", "train@base"], repo, env).stdout
+    assert "resuming from checkpoints/base/seed-0.pt after epoch" in resumed
     assert not checkpoint.exists()  # removed once the stage succeeded
     reference = tmp_path / "reference"
-    prepared = {"data": repo / "data/prepared/tiny", "params": repo / "params.yaml"}
+    prepared = {"data": repo / "data/prepared/tiny", "params": repo / "params.yaml",
+                "stats": repo / "metrics/prepare.json"}
     run_tool(train_command(prepared, reference), REPO, env)
     assert comparable(repo / "results/base/history.csv") == comparable(reference / "history.csv")
-    assert (repo / "models/base/model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    assert (repo / "models/base/seed-0.pt").read_bytes() == (reference / "models/seed-0.pt").read_bytes()
 
 
-def test_failing_stage_is_not_locked_and_stops_downstream(big_repo):
+def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_repo):
     repo, env = big_repo["repo"], big_repo["env"]
-    run_tool(["dvc", "repro", "train@base"], repo, env)  # a locked train@base to compare with (no-op after the tests above)
-    edit_params(repo, lambda params: params["variants"]["base"].update(seed=5))
-    before, started = (repo / "dvc.lock").read_text(), time.time()
-    # A 600 kB file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
-    result = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600,
-                            preexec_fn=limit_file_size(600_000))
+    run_tool(["dvc", "repro", "evaluate@base"], repo, env)  # a locked train@base and its outputs to keep
+    outputs = [repo / "models/base", repo / "results/base/train.json", repo / "results/base/history.csv",
+               repo / "results/base/eval.json"]
+    before, lock_before, started = snapshot(outputs), (repo / "dvc.lock").read_text(), time.time()
+    original = (repo / "params.yaml").read_text()
+    edit_params(repo, lambda params: params["variants"]["base"].update(seeds=[5]))
+    try:
+        # A 600 kB file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
+        result = subprocess.run(["dvc", "repro", "evaluate@base"], cwd=repo, env=env, capture_output=True, text=True,
+                                timeout=600, preexec_fn=limit_file_size(600_000))
+    finally:
+        (repo / "params.yaml").write_text(original)
     assert result.returncode != 0
-    assert "cannot write checkpoints/base.pt" in result.stdout + result.stderr
+    assert "cannot write checkpoints/base/seed-5.pt" in result.stdout + result.stderr
     assert "Running stage 'evaluate@base'" not in result.stdout
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["train@base"] == yaml.safe_load(before)["stages"]["train@base"]
-    # Stages that do not depend on train@base (linreg, spiral) may run before it, in DVC's order.
-    statuses = {run.data.tags.get("mlflow.runName"): run.info.status
-                for run in runs(env["MLFLOW_TRACKING_URI"], since=started)
-                if run.data.tags.get("mlflow.runName") not in ("linreg", "spiral")}
-    assert statuses == {"train@base": "FAILED"}
+    assert lock["stages"]["train@base"] == yaml.safe_load(lock_before)["stages"]["train@base"]
+    assert snapshot(outputs) == before  # nothing lost: the previous results are still in place
+    assert statuses(env["MLFLOW_TRACKING_URI"], since=started)["train@base"] == "FAILED"

@@ -46,16 +46,16 @@ def reference_epoch(net, images, labels, order, batch_size, lr):
 
 
 @pytest.mark.parametrize("hidden, batch_size", [((256,), 64), ((32, 16), 100)])  # 512 = 5 * 100 + 12
-@pytest.mark.parametrize("activation", ["relu", "tanh"])  # relu: the written-out SGD step; tanh: autograd
+@pytest.mark.parametrize("activation", ["relu", "tanh"])  # module + relu: the written-out SGD step; else autograd
 @pytest.mark.parametrize("impl", ["module", "scratch"])
 def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, hidden, batch_size):
     (images, labels), _ = data
     fast = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
     plain = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
-    assert fused.applies(fast, optimizer, F.cross_entropy) == (activation == "relu")
+    optimizer = train.make_optimizer(params(impl=impl, activation=activation), fast)
+    assert (optimizer is None) == (impl == "module" and activation == "relu")
     step_losses, correct = train.train_epoch(fast, optimizer, images, labels, batch_size,
-                                             torch.Generator().manual_seed(5))
+                                             torch.Generator().manual_seed(5), lr=0.1)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
     expected_losses, expected_correct = reference_epoch(plain, images, labels, order, batch_size, 0.1)
     torch.testing.assert_close(step_losses, torch.tensor(expected_losses), rtol=1e-5, atol=1e-5)
@@ -64,66 +64,81 @@ def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, 
     assert correct.item() == expected_correct
 
 
-def test_the_written_out_step_takes_only_plain_sgd_on_cross_entropy_with_relu():
-    net = mlp.build("module", (8,), "relu", 0.01)
-    sgd = lambda **options: torch.optim.SGD(net.parameters(), lr=0.1, **options)
-    assert fused.applies(net, sgd(), F.cross_entropy)
-    assert fused.applies(mlp.build("scratch", (8, 8), "relu", 0.01), torch.optim.SGD(
-        mlp.build("scratch", (8, 8), "relu", 0.01).parameters(), lr=0.1), F.cross_entropy) is False  # other params
-    for optimizer in (sgd(momentum=0.9), sgd(weight_decay=1e-4), sgd(maximize=True), torch.optim.Adam(net.parameters())):
-        assert not fused.applies(net, optimizer, F.cross_entropy)
-    assert not fused.applies(net, sgd(), LOSSES["mse"])
-    for other in (mlp.build("module", (8,), "leaky_relu", 0.01), torch.nn.Sequential(torch.nn.Linear(784, 10))):
-        assert not fused.applies(other, torch.optim.SGD(other.parameters(), lr=0.1), F.cross_entropy)
+def test_the_written_out_step_takes_only_plain_sgd_on_cross_entropy_with_the_module_relu_mlp():
+    assert fused.applies("module", "relu", "sgd", "cross_entropy")
+    for settings in [("scratch", "relu", "sgd", "cross_entropy"), ("module", "tanh", "sgd", "cross_entropy"),
+                     ("module", "relu", "adam", "cross_entropy"), ("module", "relu", "sgd", "mse")]:
+        assert not fused.applies(*settings), settings
+    assert fused.relu_layers(mlp.build("scratch", (8,), "relu", 0.01)) is None
+    assert fused.relu_layers(torch.nn.Sequential(torch.nn.Linear(784, 10))) is None
+
+
+def test_scratch_trains_through_its_own_forward_relu_and_torch_optim_sgd(data, monkeypatch):
+    calls = {"relu": 0, "forward": 0}
+    original_relu, original_forward = mlp.relu, mlp.ScratchMLP.forward
+
+    def counting_relu(x):
+        calls["relu"] += 1
+        return original_relu(x)
+
+    def counting_forward(self, x):
+        calls["forward"] += 1
+        return original_forward(self, x)
+    monkeypatch.setitem(mlp.SCRATCH_ACTIVATIONS, "relu", counting_relu)
+    monkeypatch.setattr(mlp.ScratchMLP, "forward", counting_forward)
+    steps = math.ceil(len(data[0][1]) / 64)
+    result = train.run(params(impl="scratch", epochs=1), 0, *data)
+    assert isinstance(train.make_optimizer(params(impl="scratch"), result.model), torch.optim.SGD)
+    assert calls["forward"] >= steps and calls["relu"] >= steps  # every training step, plus the validation pass
 
 
 def test_same_seed_gives_identical_history_on_cpu(data):
-    first, second = (train.run(params(), *data).history for _ in range(2))
+    first, second = (train.run(params(), 0, *data).history for _ in range(2))
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
     assert strip(first) == strip(second)
-    assert first[-1]["test_accuracy"] > 0.5  # the tiny data is learnable: the loop really trains
+    assert first[-1]["validation_accuracy"] > 0.5  # the tiny data is learnable: the loop really trains
 
 
 def test_other_seed_gives_another_history(data):
-    assert train.run(params(seed=1), *data).history[0]["train_loss"] != train.run(params(seed=2), *data).history[0]["train_loss"]
+    assert train.run(params(), 1, *data).history[0]["train_loss"] != train.run(params(), 2, *data).history[0]["train_loss"]
 
 
 @pytest.mark.parametrize("overrides", [{"lr": 1e4}, {"lr": 1e5}])
 def test_divergence_is_recorded_not_raised(data, overrides):
-    result = train.run(params(**overrides), *data)
+    result = train.run(params(**overrides), 0, *data)
     assert result.diverged is not None
     assert result.diverged["epoch"] >= 1 and result.diverged["step"] >= 1
     assert len(result.history) == result.diverged["epoch"] - 1
-    metrics = train.summary("x", result, "run")
-    assert metrics["diverged"] is True and metrics["diverged_epoch"] == result.diverged["epoch"]
+    figures = train.seed_summary(result)
+    assert figures["diverged"] is True and figures["diverged_epoch"] == result.diverged["epoch"]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adagrad", "rmsprop"])
 def test_every_optimizer_trains(data, optimizer):
     lr = 0.1 if optimizer in ("sgd", "adagrad") else 0.001
-    history = train.run(params(optimizer=optimizer, lr=lr, epochs=2), *data).history
-    assert history[-1]["train_loss"] < history[0]["train_loss"] or history[-1]["test_accuracy"] > 0.5
+    history = train.run(params(optimizer=optimizer, lr=lr, epochs=2), 0, *data).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"] or history[-1]["validation_accuracy"] > 0.5
 
 
 def test_interrupted_run_resumes_bit_identical(data, tmp_path):
-    uninterrupted = train.run(params(epochs=4), *data).history
+    uninterrupted = train.run(params(epochs=4), 0, *data).history
     checkpoint = tmp_path / "ckpt.pt"
 
     def stop_after_two(record):
         if record["epoch"] == 3:
             raise KeyboardInterrupt  # after epoch 2's checkpoint, before epoch 3's
     with pytest.raises(KeyboardInterrupt):
-        train.run(params(epochs=4), *data, checkpoint=checkpoint, report=stop_after_two)
+        train.run(params(epochs=4), 0, *data, checkpoint=checkpoint, report=stop_after_two)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
-    resumed = train.run(params(epochs=4), *data, checkpoint=checkpoint).history
+    resumed = train.run(params(epochs=4), 0, *data, checkpoint=checkpoint).history
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
     assert strip(resumed) == strip(uninterrupted)
 
 
 def test_checkpoint_of_other_params_is_not_resumed(data, tmp_path):
     checkpoint = tmp_path / "ckpt.pt"
-    train.run(params(epochs=1), *data, checkpoint=checkpoint)
-    result = train.run(params(epochs=1, lr=0.05), *data, checkpoint=checkpoint)
+    train.run(params(epochs=1), 0, *data, checkpoint=checkpoint)
+    result = train.run(params(epochs=1, lr=0.05), 0, *data, checkpoint=checkpoint)
     assert len(result.history) == 1 and result.history[0]["epoch"] == 1
 
 
@@ -143,11 +158,29 @@ def test_probability_losses_train_and_match_their_definition(data, loss):
     distance = (logits.softmax(1) - targets) ** 2 if loss == "mse" else (logits.softmax(1) - targets).abs()
     torch.testing.assert_close(LOSSES[loss](logits, labels), distance.sum(1).mean())
     torch.testing.assert_close(LOSSES[loss](logits, labels, reduction="sum"), distance.sum())
-    history = train.run(params(loss=loss, lr=0.5), *data).history
-    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["test_accuracy"] > 0.5
+    history = train.run(params(loss=loss, lr=0.5), 0, *data).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["validation_accuracy"] > 0.5
 
 
 def test_huge_init_is_not_a_divergence(data):
-    result = train.run(params(init_std=1e3, epochs=2), *data)
+    result = train.run(params(init_std=1e3, epochs=2), 0, *data)
     assert result.diverged is None and len(result.history) == 2
     assert result.history[0]["train_loss"] > 1e3 and all(math.isfinite(r["train_loss"]) for r in result.history)
+
+
+def test_trainings_at_once_share_the_cpu(tmp_path, monkeypatch):
+    """Two trainings at once get half the cores each (unless OMP_NUM_THREADS says otherwise)."""
+    import os
+
+    from pipeline import cpu
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "SLOTS_DIR", tmp_path)
+    cores = os.cpu_count() or 1
+    with cpu.shared_threads() as first:
+        with cpu.shared_threads() as second:
+            assert second == max(1, cores // 2) and torch.get_num_threads() == second
+        assert first == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with cpu.shared_threads() as chosen:
+        assert chosen == torch.get_num_threads()

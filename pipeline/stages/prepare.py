@@ -1,6 +1,9 @@
-"""Stage `prepare`: IDX files to flat float32 tensors, normalized with statistics of the train split only.
+"""Stage `prepare`: IDX files to flat float32 tensors: train, a stratified validation split held out of it, and test.
 
-`normalize: false` reproduces d2l's loader exactly (pixels scaled to [0, 1], nothing more).
+The validation split (prepare.validation images, the same share of every class, fixed by prepare.seed) is what
+models are chosen on; the test split is read once, by evaluate. Pixels are scaled to [0, 1] and, with
+`normalize: true`, standardized with the mean and std of the remaining train images only.
+`validation: 0` and `normalize: false` reproduce d2l's loader exactly.
 """
 from __future__ import annotations
 
@@ -10,28 +13,58 @@ from pathlib import Path
 import torch
 
 from pipeline import cli, config, idx
-from pipeline.datasets import FILE_KINDS
 from pipeline.cli import stage_entry
+from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, write_json, write_torch
+from pipeline.files import atomic_dir, write_json
+from pipeline.tensors import save_split
+
+SPLITS = ("train", "validation", "test")
 
 
-def run(raw_dir: Path, out_dir: Path, normalize: bool) -> dict:
-    """Write train.pt and test.pt ({"images": float32 [N, 784], "labels": int64 [N]}); return stats."""
-    splits = {split: read_raw_split(raw_dir, split) for split in ("train", "test")}
-    train_images = splits["train"][0]
-    # float64 for the statistics: a float32 sum over 47M pixels loses digits.
-    mean, std = (train_images.double().mean().item(), train_images.double().std().item()) if normalize else (0.0, 1.0)
+def run(raw_dir: Path, out_dir: Path, normalize: bool, validation: int = 0, seed: int = 0) -> dict:
+    """Write train.pt, validation.pt and test.pt ({"images": float32 [N, 784], "labels": int64 [N]}); return stats."""
+    train_images, train_labels = read_raw_split(raw_dir, "train")
+    held_out = validation_indices(train_labels, validation, seed)
+    kept = torch.ones(len(train_labels), dtype=torch.bool)
+    kept[held_out] = False
+    splits = {"train": (train_images[kept], train_labels[kept]),
+              "validation": (train_images[held_out], train_labels[held_out]),
+              "test": read_raw_split(raw_dir, "test")}
+    # float64 for the statistics: a float32 sum over 43M pixels loses digits.
+    pixels = splits["train"][0].double()
+    mean, std = (pixels.mean().item(), pixels.std().item()) if normalize else (0.0, 1.0)
+    del pixels
     with atomic_dir(out_dir) as temp:
         for split, (images, labels) in splits.items():
-            if normalize:
-                images.sub_(mean).div_(std)
-            write_torch(temp / f"{split}.pt", {"images": images, "labels": labels})
-    train_labels = splits["train"][1]
-    return {"normalize": normalize, "mean": mean, "std": std,
-            "train_count": len(train_labels), "test_count": len(splits["test"][1]),
-            "classes": int(train_labels.max()) + 1,
-            "train_class_counts": torch.bincount(train_labels).tolist()}
+            save_split(temp / f"{split}.pt", images.sub_(mean).div_(std) if normalize else images, labels)
+    classes = int(train_labels.max()) + 1
+    return {"normalize": normalize, "mean": mean, "std": std, "classes": classes, "validation_seed": seed,
+            **{f"{split}_count": len(labels) for split, (_, labels) in splits.items()},
+            **{f"{split}_class_counts": torch.bincount(labels, minlength=classes).tolist()
+               for split, (_, labels) in splits.items() if split != "test"}}
+
+
+def validation_indices(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` indices drawn per class in proportion to its size (largest remainder), fixed by `seed`, sorted."""
+    if not 0 <= count < len(labels):
+        raise PipelineError(f"prepare.validation: got {count}, expected 0 to {len(labels) - 1} (the train split has "
+                            f"{len(labels)} images)")
+    sizes = torch.bincount(labels)
+    quotas = sizes * count // len(labels)
+    remainders = sizes * count - quotas * len(labels)
+    for label in sorted(range(len(sizes)), key=lambda c: (-remainders[c].item(), c))[:count - int(quotas.sum())]:
+        quotas[label] += 1
+    if count and (quotas[sizes > 0] == 0).any():
+        empty = int(((quotas == 0) & (sizes > 0)).nonzero()[0])
+        raise PipelineError(f"prepare.validation: got {count}, which leaves class {empty} without validation "
+                            f"images; expected at least one per class")
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, quota in enumerate(quotas.tolist()):
+        members = (labels == label).nonzero().squeeze(1)
+        picked.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    return torch.cat(picked).sort().values
 
 
 def read_raw_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +80,9 @@ def read_raw_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tenso
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--raw", type=Path, required=True, help="directory of the four IDX files")
-    parser.add_argument("--out", type=Path, required=True, help="directory for train.pt and test.pt")
-    parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: normalization statistics")
+    parser.add_argument("--out", type=Path, required=True, help="directory for train.pt, validation.pt and test.pt")
+    parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: split sizes and normalization")
+    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     args = parser.parse_args()
     params = config.load(args.params)
 
@@ -58,14 +92,17 @@ def main() -> None:
         import mlflow
 
         started = time.monotonic()
-        stats = {"dataset": params.data.dataset, **run(args.raw, args.out, params.prepare.normalize)}
-        mlflow.log_params({"dataset": params.data.dataset, "normalize": params.prepare.normalize})
-        mlflow.log_metrics({"mean": stats["mean"], "std": stats["std"], "train_count": stats["train_count"],
-                            "test_count": stats["test_count"], "seconds": time.monotonic() - started})
+        stats = {"dataset": params.data.dataset, **run(args.raw, args.out, params.prepare.normalize,
+                                                       params.prepare.validation, params.prepare.seed)}
+        mlflow.log_params({"dataset": params.data.dataset, "normalize": params.prepare.normalize,
+                           "validation": params.prepare.validation, "validation_seed": params.prepare.seed})
+        mlflow.log_metrics({key: stats[key] for key in ("mean", "std", *(f"{s}_count" for s in SPLITS))})
+        mlflow.log_metric("seconds", time.monotonic() - started)
         mlflow.log_dict(stats, "stats.json")
-        write_json(args.stats, {**stats, "mlflow_run_id": mlflow_run.info.run_id})
-        print(f"prepared {stats['train_count']} train / {stats['test_count']} test images, "
-              f"mean {stats['mean']:.4f}, std {stats['std']:.4f}")
+        write_json(args.stats, stats)
+        write_json(args.run_record, {"stage": "prepare", "mlflow_run_id": mlflow_run.info.run_id})
+        print(f"prepared {stats['train_count']} train / {stats['validation_count']} validation / "
+              f"{stats['test_count']} test images, mean {stats['mean']:.4f}, std {stats['std']:.4f}")
 
 
 if __name__ == "__main__":

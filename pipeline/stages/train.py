@@ -1,19 +1,18 @@
-"""Stage `train`: one variant of the MLP; data moved to the device once and batched by index.
+"""Stage `train`: one variant of the MLP, once per seed; data moved to the device once and batched by index.
 
-Prints one line per epoch and logs the same numbers to MLflow (step=epoch). A non-finite loss stops
-the variant and is recorded as diverged: no model is saved for it, and the pipeline goes on.
-With d2l's settings (10 epochs, lr 0.1, batch 256, N(0, 0.01) init) test accuracy reaches about 0.85.
+Each seed prints one line per epoch and logs the same numbers to its own MLflow run (nested under the variant's
+run, step=epoch): train loss and accuracy, and validation loss and accuracy (the test split is not read here).
+A non-finite loss stops that seed and is recorded as diverged: no model is saved for it, and the pipeline goes
+on. With d2l's settings (10 epochs, lr 0.1, batch 256, N(0, 0.01) init) accuracy reaches about 0.85.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,24 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import cli, config, fused, model as mlp
-from pipeline.losses import LOSSES, LossFunction
+from pipeline import cli, config, cpu, fused, model as mlp
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
-from pipeline.files import write_json, write_text, write_torch
+from pipeline.files import atomic_dir, read_json, write_json, write_text
+from pipeline.losses import LOSSES, LossFunction
+from pipeline.stats import mean_and_std
 from pipeline.tensors import load_split
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-              "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy", "seconds")
+Split = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class TrainResult:
+    seed: int
     model: nn.Module
     device: str
     history: list[dict] = field(default_factory=list)
     diverged: dict | None = None  # {"epoch": e, "step": s, "loss": value} when the loss went non-finite
+    run_id: str | None = None  # the seed's MLflow run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,12 +57,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+def make_optimizer(params: config.TrainParams, net: nn.Module) -> torch.optim.Optimizer | None:
+    """None where the written-out SGD step runs (fused.py); torch.optim otherwise, as d2l writes it."""
+    if fused.applies(params.impl, params.activation, params.optimizer, params.loss):
+        return None
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                  "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+    return optimizers[params.optimizer](net.parameters(), lr=params.lr)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer | None, images: torch.Tensor,
                 labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-                loss_function: LossFunction = F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+                loss_function: LossFunction = F.cross_entropy, lr: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass in random order; returns per-step summed losses and the correct count, both on the device."""
-    if fused.applies(model, optimizer, loss_function):  # d2l's case, without autograd: same maths, fewer calls
-        return fused.sgd_epoch(model, optimizer.param_groups[0]["lr"], images, labels, batch_size, generator)
+    if optimizer is None:  # d2l's case, without autograd: same maths, fewer calls
+        return fused.sgd_epoch(model, lr, images, labels, batch_size, generator)
     order = torch.randperm(len(labels), device=images.device, generator=generator)
     batches = order.split(batch_size)
     # Labels are gathered, and predictions compared, once per epoch: against ~1.5 ms of GEMMs per step,
@@ -83,8 +93,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 10000,
-             loss_function: LossFunction = F.cross_entropy) -> tuple[float, float]:
-    """Mean loss and accuracy, without autograd."""
+             loss_function: LossFunction = F.cross_entropy) -> tuple[float | None, float | None]:
+    """Mean loss and accuracy, without autograd; None for an empty split (validation: 0)."""
+    if len(labels) == 0:
+        return None, None
     model.eval()
     loss, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
@@ -95,35 +107,36 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return loss.item() / len(labels), correct.item() / len(labels)
 
 
-def run(params: config.TrainParams, train_data: tuple[torch.Tensor, torch.Tensor],
-        test_data: tuple[torch.Tensor, torch.Tensor], checkpoint: Path | None = None,
-        report: Callable[[dict], None] = lambda record: None) -> TrainResult:
-    """Train for params.epochs (resuming from `checkpoint` when it matches); stop early on divergence."""
+def run(params: config.TrainParams, seed: int, train_data: Split, validation_data: Split,
+        checkpoint: Path | None = None, report: Callable[[dict], None] = lambda record: None) -> TrainResult:
+    """Train one seed for params.epochs (resuming from `checkpoint` when it matches); stop early on divergence."""
     device = resolve_device(params.device)
-    torch.manual_seed(params.seed)
+    torch.manual_seed(seed)
     # Initial weights come from a CPU generator: the same seed gives the same start on any device.
     net = mlp.build(params.impl, params.hidden, params.activation, params.init_std,
-                    torch.Generator().manual_seed(params.seed)).to(device)
-    optimizer = OPTIMIZERS[params.optimizer](net.parameters(), lr=params.lr)
-    shuffle = torch.Generator(device=device).manual_seed(params.seed)
+                    torch.Generator().manual_seed(seed)).to(device)
+    optimizer = make_optimizer(params, net)
+    shuffle = torch.Generator(device=device).manual_seed(seed)
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
-    test_images, test_labels = (tensor.to(device) for tensor in test_data)
-    result = TrainResult(net, str(device))
-    fingerprint = _fingerprint(params, train_data, test_data)
+    validation_images, validation_labels = (tensor.to(device) for tensor in validation_data)
+    result = TrainResult(seed, net, str(device))
+    fingerprint = _fingerprint(params, seed, train_data, validation_data)
     start = resume(checkpoint, fingerprint, net, optimizer, shuffle, result.history)
+    loss_function = LOSSES[params.loss]
     for epoch in range(start + 1, params.epochs + 1):
         started = time.perf_counter()
         step_losses, correct = train_epoch(net, optimizer, train_images, train_labels, params.batch_size, shuffle,
-                                           LOSSES[params.loss])
+                                           loss_function, params.lr)
         losses = step_losses.tolist()  # the one sync of the epoch
         bad_step = next((step for step, value in enumerate(losses) if not math.isfinite(value)), None)
         if bad_step is not None:
             result.diverged = {"epoch": epoch, "step": bad_step + 1, "loss": str(losses[bad_step])}
             break
-        test_loss, test_accuracy = evaluate(net, test_images, test_labels, loss_function=LOSSES[params.loss])
+        validation_loss, validation_accuracy = evaluate(net, validation_images, validation_labels,
+                                                        loss_function=loss_function)
         record = {"epoch": epoch, "train_loss": sum(losses) / len(train_labels),
-                  "train_accuracy": correct.item() / len(train_labels), "test_loss": test_loss,
-                  "test_accuracy": test_accuracy, "seconds": time.perf_counter() - started}
+                  "train_accuracy": correct.item() / len(train_labels), "validation_loss": validation_loss,
+                  "validation_accuracy": validation_accuracy, "seconds": time.perf_counter() - started}
         result.history.append(record)
         report(record)
         if checkpoint is not None:
@@ -131,9 +144,10 @@ def run(params: config.TrainParams, train_data: tuple[torch.Tensor, torch.Tensor
     return result
 
 
-def _fingerprint(params: config.TrainParams, *splits: tuple[torch.Tensor, torch.Tensor]) -> str:
-    """What a checkpoint must match to be resumed: the params and the data's shape and a sample of it."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+def _fingerprint(params: config.TrainParams, seed: int, *splits: Split) -> str:
+    """What a checkpoint must match to be resumed: the params, the seed, and the data's shape and a sample of it."""
+    settings = {**dataclasses.asdict(params), "seeds": None, "seed": seed}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for images, labels in splits:
         digest.update(str(tuple(images.shape)).encode())
         digest.update(images[:: max(1, len(images) // 64)].contiguous().numpy().tobytes())
@@ -141,14 +155,17 @@ def _fingerprint(params: config.TrainParams, *splits: tuple[torch.Tensor, torch.
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, fingerprint: str, epoch: int, net: nn.Module,
-                    optimizer: torch.optim.Optimizer, shuffle: torch.Generator, history: list[dict]) -> None:
+def save_checkpoint(path: Path, fingerprint: str, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    shuffle: torch.Generator, history: list[dict]) -> None:
+    from pipeline.files import write_torch
+
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
-             "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(), "history": history}
+             "optimizer": optimizer.state_dict() if optimizer else {}, "shuffle": shuffle.get_state(),
+             "history": history}
     write_torch(path, state)
 
 
-def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch.optim.Optimizer,
+def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
            shuffle: torch.Generator, history: list[dict]) -> int:
     """Load a matching checkpoint (tensors only) and return its epoch; 0 when there is none to resume."""
     if path is None or not path.exists():
@@ -162,111 +179,173 @@ def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch
         print(f"ignoring checkpoint {path}: made with other params or data")
         return 0
     net.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     shuffle.set_state(state["shuffle"])
     history.extend(state["history"])
     print(f"resuming from {path} after epoch {state['epoch']}")
     return state["epoch"]
 
 
-def summary(variant: str, result: TrainResult, run_id: str) -> dict:
-    """The final figures DVC tracks; null where a diverged run has none."""
+def seed_summary(result: TrainResult) -> dict:
+    """One seed's final figures; null where a diverged run has none."""
     last = result.history[-1] if result.history else {}
-    return {"variant": variant, "diverged": result.diverged is not None,
-            "diverged_epoch": (result.diverged or {}).get("epoch"),
-            "diverged_step": (result.diverged or {}).get("step"),
-            "epochs_completed": len(result.history),
+    return {"diverged": result.diverged is not None, "diverged_epoch": (result.diverged or {}).get("epoch"),
+            "diverged_step": (result.diverged or {}).get("step"), "epochs_completed": len(result.history),
             **{key: last.get(key) for key in HISTORY_COLUMNS[1:5]},
-            "train_seconds": sum(record["seconds"] for record in result.history),
-            "epoch_seconds_median": statistics.median([r["seconds"] for r in result.history]) if result.history else None,
-            "device": result.device, "mlflow_run_id": run_id, "mlflow_model_uri": None}
+            "train_seconds": sum(record["seconds"] for record in result.history)}
 
 
-def history_csv(history: list[dict]) -> str:
+def best_seed(results: list[TrainResult]) -> TrainResult | None:
+    """The seed whose model goes to MLflow: best validation accuracy (lowest train loss without validation)."""
+    finished = [result for result in results if result.diverged is None and result.history]
+    if not finished:
+        return None
+    if finished[0].history[-1]["validation_accuracy"] is None:
+        return min(finished, key=lambda result: result.history[-1]["train_loss"])
+    return max(finished, key=lambda result: result.history[-1]["validation_accuracy"])
+
+
+def history_csv(results: list[TrainResult]) -> str:
+    """Per epoch, each column's mean over the seeds that reached it, and its std (what dvc plots draws)."""
+    columns = ["epoch", "seeds"] + [f"{name}{suffix}" for name in HISTORY_COLUMNS[1:5] for suffix in ("", "_std")]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns + ["seconds"])
+    for epoch in range(1, max((len(result.history) for result in results), default=0) + 1):
+        records = [result.history[epoch - 1] for result in results if len(result.history) >= epoch]
+        row = [epoch, len(records)]
+        for name in HISTORY_COLUMNS[1:5]:
+            row += [_csv_number(value) for value in mean_and_std([record[name] for record in records])]
+        writer.writerow(row + [_csv_number(statistics.fmean(record["seconds"] for record in records))])
     return buffer.getvalue()
 
 
-def print_epoch(record: dict) -> None:
-    print(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
-          f"train acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f}  "
-          f"test acc {record['test_accuracy']:.4f}  {record['seconds']:.2f} s", flush=True)
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(value)
 
 
-def log_model(net: nn.Module, example: torch.Tensor) -> str:
-    """The model in MLflow's pytorch flavor, with signature and input example (pt2 needs the example)."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    net = net.cpu().eval()
-    example = example.cpu().numpy()
-    with torch.no_grad():
-        signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
-    # Naming the requirements skips MLflow's inference of them, which costs seconds per call.
-    # The default pt2 format (torch.export) costs ~4 s per model but loads without unpickling code.
-    info = mlflow.pytorch.log_model(net, name="model", signature=signature, input_example=example,
-                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    return info.model_uri
+def print_epoch(seed: int, record: dict) -> None:
+    validation = ("" if record["validation_accuracy"] is None else
+                  f"  validation loss {record['validation_loss']:.4f}  validation acc {record['validation_accuracy']:.4f}")
+    print(f"seed {seed}  epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
+          f"train acc {record['train_accuracy']:.4f}{validation}  {record['seconds']:.2f} s", flush=True)
 
 
 @stage_entry
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and test.pt")
-    parser.add_argument("--model", type=Path, required=True, help="model.pt to write (and model.json beside it)")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON of the final figures")
-    parser.add_argument("--history", type=Path, required=True, help="CSV, one row per epoch")
-    parser.add_argument("--checkpoint", type=Path, help="resumable state, removed once the stage succeeds")
+    parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and validation.pt")
+    parser.add_argument("--stats", type=Path, required=True, help="prepare's JSON (normalization, for the MLflow model)")
+    parser.add_argument("--models", type=Path, required=True, help="directory for seed-<s>.pt and seed-<s>.json")
+    parser.add_argument("--summary", type=Path, required=True, help="JSON: per-seed figures and MLflow run ids")
+    parser.add_argument("--history", type=Path, required=True, help="CSV, one row per epoch (mean and std over seeds)")
+    parser.add_argument("--checkpoints", type=Path, help="directory of resumable state, removed once the stage succeeds")
     args = parser.parse_args()
     params = config.load(args.params)
     train_params = params.variant(args.variant)
-    train_data, test_data = (load_split(args.data / f"{split}.pt") for split in ("train", "test"))
+    train_data, validation_data = (load_split(args.data / f"{split}.pt") for split in ("train", "validation"))
     resolve_device(train_params.device)  # fail on a missing device before touching MLflow
+    train_logged(args, params, train_params, train_data, validation_data)
+
+
+def train_logged(args, params: config.Params, train_params: config.TrainParams, train_data: Split,
+                 validation_data: Split) -> None:
+    """Every seed in its own nested MLflow run under the variant's run; then the DVC outputs."""
+    from pipeline import tracking
+
+    with tracking.stage_run("train", params.mlflow.experiment, variant=args.variant) as parent:
+        import mlflow
+
+        mlflow.log_params({**dataclasses.asdict(train_params), "variant": args.variant, "dataset": params.data.dataset,
+                           "normalize": params.prepare.normalize, "validation": params.prepare.validation})
+        digest = tracking.dvc_hash(args.data) or "unknown"
+        for context in ("train", "validation"):
+            tracking.log_dataset(args.data / f"{context}.pt", f"{params.data.dataset}-{context}", digest, context)
+        results = [train_seed(args, train_params, seed, train_data, validation_data)
+                   for seed in train_params.seeds]
+        summary = summarize(args.variant, results, parent.info.run_id)
+        mlflow.log_metrics({key: value for key, value in summary["aggregate"].items() if value is not None})
+        with atomic_dir(args.models) as temp:  # the model files first: a full disk fails here, with our message
+            for result in results:
+                save_model(temp / f"seed-{result.seed}.pt", train_params, result)
+        write_text(args.history, history_csv(results))
+        mlflow.log_artifact(str(args.history))
+        best = best_seed(results)
+        if best is not None:
+            summary["mlflow_model_seed"] = best.seed
+            summary["mlflow_model_uri"] = log_model(best.model, train_params, read_json(args.stats),
+                                                     params.data.dataset)
+        write_json(args.summary, summary)
+    if args.checkpoints is not None:
+        for result in results:
+            (args.checkpoints / f"seed-{result.seed}.pt").unlink(missing_ok=True)
+
+
+def train_seed(args, params: config.TrainParams, seed: int, train_data: Split, validation_data: Split) -> TrainResult:
+    """One seed in its own nested run, its epochs logged with step=epoch."""
+    import mlflow
 
     from pipeline import tracking
 
-    with tracking.stage_run("train", params.mlflow.experiment, variant=args.variant) as mlflow_run:
-        import mlflow
-
-        mlflow.log_params({**dataclasses.asdict(train_params), "variant": args.variant,
-                           "dataset": params.data.dataset, "normalize": params.prepare.normalize})
+    with tracking.child_run(f"train@{args.variant} seed {seed}", {**tracking.lineage_tags("train", args.variant),
+                                                                    "seed": str(seed)}) as child:
+        mlflow.log_params({"seed": seed, "variant": args.variant})
 
         def report(record: dict) -> None:
-            print_epoch(record)
-            mlflow.log_metrics({key: value for key, value in record.items() if key != "epoch"}, step=record["epoch"])
+            print_epoch(seed, record)
+            mlflow.log_metrics({key: value for key, value in record.items() if key != "epoch" and value is not None},
+                               step=record["epoch"])
 
-        result = run(train_params, train_data, test_data, args.checkpoint, report)
-        mlflow.set_tag("device", result.device)
-        metrics = summary(args.variant, result, mlflow_run.info.run_id)
-        mlflow.log_metrics({"diverged": float(result.diverged is not None), "train_seconds": metrics["train_seconds"]})
+        checkpoint = args.checkpoints / f"seed-{seed}.pt" if args.checkpoints else None
+        with cpu.shared_threads():
+            result = run(params, seed, train_data, validation_data, checkpoint, report)
+        mlflow.set_tags({"device": result.device, "diverged": str(result.diverged is not None).lower()})
         if result.diverged:
-            mlflow.set_tags({"diverged": "true", "diverged_epoch": result.diverged["epoch"],
-                             "diverged_step": result.diverged["step"]})
-        # The model file first: a full disk or read-only directory fails here, with our message.
-        write_outputs(args, train_params, result)
-        if not result.diverged:
-            metrics["mlflow_model_uri"] = log_model(result.model, train_data[0][:2])
-        write_json(args.metrics, metrics)
-        mlflow.log_artifact(str(args.history))
-    if args.checkpoint is not None and args.checkpoint.exists():
-        os.unlink(args.checkpoint)
+            mlflow.set_tags({"diverged_epoch": result.diverged["epoch"], "diverged_step": result.diverged["step"]})
+            print(f"seed {seed} diverged: non-finite loss ({result.diverged['loss']}) at epoch "
+                  f"{result.diverged['epoch']}, step {result.diverged['step']}; no model saved")
+        mlflow.log_metric("diverged", float(result.diverged is not None))
+        result.run_id = child.info.run_id
+    return result
 
 
-def write_outputs(args: argparse.Namespace, params: config.TrainParams, result: TrainResult) -> None:
-    """Model (only when finite), its architecture and the history; diverged runs say so instead."""
-    architecture = {"impl": params.impl, "hidden": list(params.hidden), "activation": params.activation,
-                    "inputs": mlp.INPUTS, "outputs": mlp.OUTPUTS, "diverged": result.diverged is not None}
+def summarize(variant: str, results: list[TrainResult], run_id: str) -> dict:
+    """train.json: each seed's figures and run, the means and spreads, and the variant's run (lineage)."""
+    seeds = {str(result.seed): {**seed_summary(result), "mlflow_run_id": result.run_id} for result in results}
+    aggregate = {}
+    for name in HISTORY_COLUMNS[1:5]:
+        aggregate[f"{name}_mean"], aggregate[f"{name}_std"] = mean_and_std([seed[name] for seed in seeds.values()])
+    aggregate["diverged_seeds"] = sum(seed["diverged"] for seed in seeds.values())
+    aggregate["train_seconds"] = sum(seed["train_seconds"] for seed in seeds.values())
+    return {"variant": variant, "seeds": [result.seed for result in results], "device": results[0].device,
+            "diverged": aggregate["diverged_seeds"] > 0, "per_seed": seeds, "aggregate": aggregate,
+            "mlflow_run_id": run_id, "mlflow_model_seed": None, "mlflow_model_uri": None}
+
+
+def save_model(path: Path, params: config.TrainParams, result: TrainResult) -> None:
+    """The state dict (only when finite) and its architecture; a diverged seed's JSON says so instead."""
+    described = {**architecture(params), "seed": result.seed, "diverged": result.diverged is not None}
     if result.diverged:
-        print(f"diverged: non-finite loss ({result.diverged['loss']}) at epoch {result.diverged['epoch']}, "
-              f"step {result.diverged['step']}; no model saved")
-        write_json(args.model.with_suffix(".json"), architecture)
+        write_json(path.with_suffix(".json"), described)
     else:
-        mlp.save(result.model, args.model, architecture)
-    write_text(args.history, history_csv(result.history))
+        mlp.save(result.model, path, described)
+
+
+def architecture(params: config.TrainParams) -> dict:
+    return {"impl": params.impl, "hidden": list(params.hidden), "activation": params.activation,
+            "inputs": mlp.INPUTS, "outputs": mlp.OUTPUTS}
+
+
+def log_model(net: nn.Module, params: config.TrainParams, stats: dict, dataset: str) -> str:
+    """The model for serving: raw uint8 images in, the train split's normalization inside (pipeline/serving.py)."""
+    from pipeline import serving
+    from pipeline.datasets import class_names
+
+    info = serving.log_model(net.cpu().eval(), architecture(params), mean=stats["mean"], std=stats["std"],
+                             class_names=class_names(dataset, mlp.OUTPUTS))
+    return info.model_uri
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""DVC experiments and MLflow joined both ways: workspace, --temp and queued runs (two workers) all land in the
+workspace's embedded store, tagged with their experiment, and none of them moves @champion.
+
+One module fixture runs the real commands once and records what they showed; the tests only read that record.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+
+import pytest
+
+from tests.conftest import REPO, commit_all, copy_repo, edit_params, run_tool, tiny_params, tool_env
+
+pytestmark = pytest.mark.integration
+
+QUEUE_WAIT_S = 900
+
+
+def readme_exp_lines() -> list[str]:
+    """Every `dvc exp run ... -S ...` line in README's code blocks."""
+    blocks = re.findall(r"```(?:sh|bash)?\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("dvc exp run") and " -S " in line]
+
+
+def small_params(tiny: dict):
+    """The tiny dataset with README's variant names, one epoch and one seed: quick enough to run many times."""
+    def change(params: dict) -> None:
+        tiny_params(tiny, epochs=1)(params)
+        params["train"]["seeds"] = [0]
+        params["variants"] = {"d2l": {"init_std": 0.01}, "d2l_scratch": {"impl": "scratch"}}
+    return change
+
+
+def wait_for_queue(repo, env) -> str:
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while time.monotonic() < deadline:
+        status = run_tool(["dvc", "queue", "status"], repo, env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queued experiments still running after {QUEUE_WAIT_S} s:\n{status}")
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory, tiny_dataset):
+    from mlflow import MlflowClient
+
+    repo = copy_repo(tmp_path_factory.mktemp("exp_repo"))
+    edit_params(repo, small_params(tiny_dataset))
+    commit_all(repo, "small params")
+    env = tool_env()  # no MLFLOW_TRACKING_URI: the embedded store at the workspace root
+    run_tool(["dvc", "repro"], repo, env)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    record = {"repo": repo, "client": client, "readme": {},
+              "champion": client.get_model_version_by_alias("d2l-mlp", "champion").version}
+    for line in readme_exp_lines():  # as written; a --queue line runs with the queue below
+        record["readme"][line] = run_tool(shlex.split(line), repo, env, check=False)
+        run_tool(["git", "checkout", "--", "."], repo, env)  # a workspace experiment leaves its changes there
+        run_tool(["dvc", "checkout", "--force"], repo, env)
+    record["temp"] = run_tool(["dvc", "exp", "run", "--temp", "--name", "temp-lr", "-S", "+variants.d2l.lr=0.3"],
+                              repo, env, check=False)
+    for index, lr in enumerate(("0.02", "0.04", "0.08")):
+        run_tool(["dvc", "exp", "run", "--queue", "--name", f"queued-{index}", "-S", f"+variants.d2l.lr={lr}"], repo, env)
+    run_tool(["dvc", "queue", "start", "-j", "2"], repo, env)
+    record["queue_status"] = wait_for_queue(repo, env)
+    record["show"] = run_tool(["dvc", "exp", "show", "--only-changed", "--no-pager"], repo, {**env, "COLUMNS": "200"})
+    record["show_json"] = json.loads(run_tool(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    record["champion_after"] = client.get_model_version_by_alias("d2l-mlp", "champion").version
+    yield record
+    run_tool(["dvc", "queue", "stop", "--kill"], repo, env, check=False)
+
+
+def train_runs(client) -> list:
+    experiment = client.get_experiment_by_name("d2l-mlp")
+    return client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+
+
+def test_readme_exp_run_lines_work_as_written(experiments):
+    assert experiments["readme"], "README shows no `dvc exp run -S` line"
+    for line, result in experiments["readme"].items():
+        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+
+
+def test_temp_and_queued_experiments_succeed(experiments):
+    assert experiments["temp"].returncode == 0, experiments["temp"].stderr[-3000:]
+    assert "Failed" not in experiments["queue_status"], experiments["queue_status"]
+    assert experiments["queue_status"].count("Success") >= 3, experiments["queue_status"]
+
+
+def test_every_experiment_logged_into_the_workspace_store_with_its_name(experiments):
+    names = {run.data.tags.get("dvc_exp_name") for run in train_runs(experiments["client"])}
+    assert {"temp-lr", "queued-0", "queued-1", "queued-2"} <= names
+    assert not list((experiments["repo"] / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store inside a copy
+
+
+def test_experiment_runs_point_at_the_baseline_commit_and_say_the_tree_was_changed(experiments):
+    baseline = run_tool(["git", "rev-parse", "HEAD"], experiments["repo"]).stdout.strip()
+    for run in train_runs(experiments["client"]):
+        if run.data.tags.get("dvc_exp_name", "").startswith("queued-"):
+            assert run.data.tags["git_commit"] == baseline and run.data.tags["git_dirty"] == "true"
+
+
+def test_nothing_is_left_running(experiments):
+    client = experiments["client"]
+    experiment = client.get_experiment_by_name("d2l-mlp")
+    assert client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") == []
+
+
+def test_experiments_register_challengers_and_leave_the_champion(experiments):
+    assert experiments["champion_after"] == experiments["champion"]
+    challenger = experiments["client"].get_model_version_by_alias("d2l-mlp", "challenger")
+    assert int(challenger.version) > int(experiments["champion"])
+
+
+def test_exp_show_only_changed_fits_200_columns_and_lists_no_run_ids(experiments):
+    output = experiments["show"].stdout
+    assert max(len(line) for line in output.splitlines()) <= 200, output
+    assert "run_id" not in output and "seconds" not in output
+    assert "val_acc" in output or "test_acc" in output
+
+
+def test_the_experiment_kind_opens_the_training_view(experiments):
+    experiment = experiments["client"].get_experiment_by_name("d2l-mlp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
