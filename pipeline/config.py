@@ -1,125 +1,159 @@
-"""The only reader of params.yaml: frozen dataclasses, every key and value checked before any work."""
+"""The only reader of params.yaml: frozen pydantic dataclasses, every key and value checked before any work.
+
+A bad key or value stops a stage with one line naming it: `<key path>: got <value>, expected <what>`.
+Pydantic checks types, ranges and unknown or missing keys; the code here checks only what it cannot:
+keys given twice in the YAML, checks across sections (dataset sizes, memory), and the one-line message.
+"""
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import dataclasses
+import functools
+import itertools
+import os
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
+from pipeline import datasets
 from pipeline.errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
+INT64_END = 2**63
+Model = TypeVar("Model")
 
 
 class ParamsError(PipelineError):
     """A bad key or value in params.yaml."""
 
 
-def _bound(text: str, test: typing.Callable[[Any], bool]) -> Any:
-    return field(metadata={"expected": text, "test": test})
+def _distinct(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise ValueError("repeated items")
+    return values
 
 
-def _positive() -> Any:
-    return _bound("a number > 0", lambda value: value > 0)
+# Strict: YAML's `yes` or 1 is not a bool, 2.5 is not an int; a float accepts an int. Ints fit in int64 (torch's seeds).
+Integer = Annotated[int, Strict(), Field(lt=INT64_END)]
+Number = Annotated[float, Strict()]
+Text = Annotated[str, Strict(), Field(min_length=1)]
+Flag = Annotated[bool, Strict()]
+Count = Annotated[Integer, Field(ge=1, description="an integer >= 1")]
+Seed = Annotated[Integer, Field(ge=0, description="an integer >= 0 and < 2**63")]
+NonNegativeInteger = Annotated[Integer, Field(ge=0, description="an integer >= 0")]
+PositiveNumber = Annotated[Number, Field(gt=0, description="a number > 0")]
+NonNegativeNumber = Annotated[Number, Field(ge=0, description="a number >= 0")]
+Fraction = Annotated[Number, Field(ge=0, le=1, description="a number between 0 and 1")]
+Seeds = Annotated[tuple[Seed, ...], Field(min_length=1), AfterValidator(_distinct),
+                  Field(description="a non-empty list of distinct integers >= 0 and < 2**63")]
+# DVC writes train@<name> and a shell passes --variant <name>: no spaces, '@', '/', ':' or '.'.
+VariantName = Annotated[str, Strict(), Field(
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+    description="a name of letters, digits, '_' or '-' that starts with a letter or digit")]
+Activation = Literal["relu", "sigmoid", "tanh", "leaky_relu"]
+
+section = functools.partial(dataclass, frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
 
 
-def _at_least(low: int) -> Any:
-    return _bound(f"an integer >= {low}", lambda value: value >= low)
+@section
+class SplitCounts:
+    train: Count
+    test: Count
 
 
-def _fraction() -> Any:
-    return _bound("a number between 0 and 1", lambda value: 0 <= value <= 1)
-
-
-def _non_negative() -> Any:
-    return _bound("a number >= 0", lambda value: value >= 0)
-
-
-@dataclass(frozen=True)
+@section
 class DataParams:
-    dataset: str
-    sources: tuple[str, ...]
-    timeout_s: float = _positive()
-    # SHA-256 of the decompressed IDX files, only for a dataset that is not built in.
-    sha256: Mapping[str, str] = field(default_factory=dict)
+    dataset: Text
+    sources: tuple[Text, ...]
+    timeout_s: PositiveNumber
+    # Only for a dataset that is not built in: SHA-256 of its decompressed IDX files, and (optional) its sizes.
+    sha256: dict[Text, Text] = dataclasses.field(default_factory=dict)
+    counts: SplitCounts | None = None
+
+    def spec(self) -> datasets.DatasetSpec:
+        """The dataset these params name, with their sources (and, for one not built in, hashes and counts)."""
+        counts = dataclasses.asdict(self.counts) if self.counts else None
+        return datasets.resolve(self.dataset, self.sources, self.sha256, counts)
 
 
-@dataclass(frozen=True)
+@section
 class PrepareParams:
-    normalize: bool
+    normalize: Flag
+    validation: NonNegativeInteger
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@section
 class MlflowParams:
-    experiment: str
-    registered_model: str
+    experiment: Text
+    registered_model: Text
 
 
-@dataclass(frozen=True)
+@section
 class TrainParams:
     impl: Literal["module", "scratch"]
-    hidden: tuple[int, ...] = _bound("a list of integers >= 1", lambda sizes: all(size >= 1 for size in sizes))
-    activation: Literal["relu", "sigmoid", "tanh", "leaky_relu"]
-    init_std: float = _positive()
+    hidden: tuple[Count, ...]
+    activation: Activation
+    init_std: PositiveNumber
     optimizer: Literal["sgd", "adam", "adagrad", "rmsprop"]
     loss: Literal["cross_entropy", "mse", "l1"]
-    lr: float = _positive()
-    batch_size: int = _at_least(1)
-    epochs: int = _at_least(1)
-    seed: int = _at_least(0)
+    lr: PositiveNumber
+    batch_size: Count
+    epochs: Count
+    seeds: Seeds
     device: Literal["auto", "cpu", "cuda", "mps"]
 
 
-@dataclass(frozen=True)
+@section
 class EvaluateParams:
-    max_train_loss: float = _positive()
-    min_train_accuracy: float = _fraction()
-    min_test_accuracy: float = _fraction()
+    max_train_loss: PositiveNumber
+    min_train_accuracy: Fraction
+    min_test_accuracy: Fraction
 
 
-@dataclass(frozen=True)
+@section
 class LinregParams:
-    true_w: tuple[float, ...] = _bound("a non-empty list of numbers", lambda weights: len(weights) >= 1)
-    true_b: float
-    noise_std: float = _non_negative()
-    examples: int = _at_least(1)
-    batch_size: int = _at_least(1)
-    lr: float = _positive()
-    epochs: int = _at_least(1)
-    seed: int = _at_least(0)
+    true_w: Annotated[tuple[Number, ...], Field(min_length=1, description="a non-empty list of numbers")]
+    true_b: Number
+    noise_std: NonNegativeNumber
+    examples: Count
+    batch_size: Count
+    lr: PositiveNumber
+    epochs: Count
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@section
 class SpiralParams:
-    classes: int = _at_least(2)
-    points_per_class: int = _at_least(2)
-    noise: float = _non_negative()
-    test_fraction: float = _bound("a number > 0 and < 1", lambda value: 0 < value < 1)
-    activations: tuple[Literal["relu", "sigmoid", "tanh", "leaky_relu"], ...] = _bound(
-        "a non-empty list without repeats", lambda names: 0 < len(names) == len(set(names)))
-    hidden: int = _at_least(1)
-    lr: float = _positive()
-    steps: int = _at_least(1)
-    seed: int = _at_least(0)
+    classes: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
+    points_per_class: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
+    noise: NonNegativeNumber
+    test_fraction: Annotated[Number, Field(gt=0, lt=1, description="a number > 0 and < 1")]
+    activations: Annotated[tuple[Activation, ...], Field(min_length=1), AfterValidator(_distinct),
+                           Field(description="a non-empty list without repeats")]
+    hidden: Count
+    lr: PositiveNumber
+    steps: Count
+    seed: Seed
 
 
-@dataclass(frozen=True)
+@section
 class Params:
     data: DataParams
     prepare: PrepareParams
     mlflow: MlflowParams
     train: TrainParams
-    variants: Mapping[str, TrainParams]
+    variants: Annotated[dict[VariantName, TrainParams], Field(min_length=1, description="at least one variant")]
     evaluate: EvaluateParams
     # Optional: a params file for another pipeline (lessons/mnist/params.yaml) leaves the lessons out.
-    linreg: LinregParams | None
-    spiral: SpiralParams | None
+    linreg: LinregParams | None = None
+    spiral: SpiralParams | None = None
 
     def section(self, name: str) -> Any:
         """An optional section that a stage needs."""
@@ -128,12 +162,10 @@ class Params:
         return getattr(self, name)
 
     def variant(self, name: str) -> TrainParams:
+        """The train defaults with the variant's overrides."""
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant; expected one of {sorted(self.variants)}")
         return self.variants[name]
-
-
-OPTIONAL_SECTIONS = ("linreg", "spiral")
 
 
 def stage_parser(doc: str) -> argparse.ArgumentParser:
@@ -145,113 +177,208 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
 
 def load(path: Path = DEFAULT_PARAMS) -> Params:
     """Read and check params.yaml; raise ParamsError naming the first bad key."""
+    params = validate(Params, _with_variant_defaults(read_yaml(path)), source=str(path))
+    _check_data(params.data)
+    spec = params.data.spec()
+    _check_validation(params.prepare, spec)
+    _check_memory("train", params.train, spec.classes)
+    for name, variant in params.variants.items():
+        _check_memory(f"variants.{name}", variant, spec.classes)
+    return params
+
+
+def load_section(path: Path, name: str, model: type[Model]) -> Model:
+    """One section of a params file checked by `model` (a pydantic dataclass), e.g. a lesson's own params."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or name not in raw:
+        raise ParamsError(f"{name}: missing key")
+    return validate(model, raw[name], source=str(path), prefix=(name,))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML at `path`, read with _ParamsLoader; an unreadable file is a ParamsError."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=_ParamsLoader)
     except (OSError, yaml.YAMLError) as error:
         raise ParamsError(f"{path}: cannot read: {' '.join(str(error).split())}") from None
-    raw = _expect_mapping(raw, "params.yaml")
-    _check_keys(raw, [f.name for f in dataclasses.fields(Params)], "", optional=OPTIONAL_SECTIONS)
-    return Params(
-        data=_check_data(build(DataParams, raw["data"], "data")),
-        prepare=build(PrepareParams, raw["prepare"], "prepare"),
-        mlflow=build(MlflowParams, raw["mlflow"], "mlflow"),
-        train=build(TrainParams, raw["train"], "train"),
-        variants=_build_variants(raw["train"], raw["variants"]),
-        evaluate=build(EvaluateParams, raw["evaluate"], "evaluate"),
-        linreg=build(LinregParams, raw["linreg"], "linreg") if "linreg" in raw else None,
-        spiral=build(SpiralParams, raw["spiral"], "spiral") if "spiral" in raw else None,
-    )
 
 
-def build(cls: type, raw: Any, path: str) -> Any:
-    """Make dataclass `cls` from a mapping, checking keys, types and ranges."""
-    raw = _expect_mapping(raw, path)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(raw, list(fields), path, optional=("sha256",))
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        key = f"{path}.{name}"
-        values[name] = _convert(value, hints[name], key)
-        expected, test = fields[name].metadata.get("expected"), fields[name].metadata.get("test")
-        if test is not None and not test(values[name]):
-            raise ParamsError(f"{key}: got {value!r}, expected {expected}")
-    return cls(**values)
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, and a key given twice is an error (PyYAML keeps the last one silently)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
 
 
-def _build_variants(defaults: dict, raw: Any) -> dict[str, TrainParams]:
-    """Each variant is the train defaults with its overrides, checked like train itself."""
-    raw = _expect_mapping(raw, "variants")
-    if not raw:
-        raise ParamsError("variants: got an empty mapping, expected at least one variant")
-    variants = {}
-    for name, overrides in raw.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
-            raise ParamsError(f"variants.{name}: bad variant name, expected letters, digits, '_' or '-'")
-        overrides = _expect_mapping(overrides if overrides is not None else {}, f"variants.{name}")
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainParams)})
-        if unknown:
-            raise ParamsError(f"variants.{name}.{unknown[0]}: unknown key, expected one of the train keys "
-                              f"{[f.name for f in dataclasses.fields(TrainParams)]}")
-        variants[str(name)] = build(TrainParams, {**defaults, **overrides}, f"variants.{name}")
-    return variants
+# YAML 1.2 reads 1e-3 as a number; PyYAML (YAML 1.1) reads it as a string unless it has a dot and a signed exponent.
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                    list("-+.0123456789"))
 
 
-def _check_data(data: DataParams) -> DataParams:
-    from pipeline.datasets import BUILT_IN, FILE_KINDS
-
-    if data.dataset in BUILT_IN:
-        if data.sha256:
-            raise ParamsError(f"data.sha256: {data.dataset} has hashes pinned in code; expected an empty mapping")
-    elif set(data.sha256) != set(FILE_KINDS):
-        raise ParamsError(f"data.dataset: got {data.dataset!r}, expected one of {sorted(BUILT_IN)} "
-                          f"or data.sha256 pinning all of {list(FILE_KINDS)}")
-    return data
-
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ParamsError(f"{key}: got {value!r}, expected one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ParamsError(f"{key}: got {value!r}, expected a list")
-        return tuple(_convert(item, args[0], f"{key}[{index}]") for index, item in enumerate(value))
-    if origin in (collections.abc.Mapping, dict):
-        value = _expect_mapping(value if value is not None else {}, key)
-        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    return _convert_scalar(value, hint, key)
+def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    """Raise ParamsError for the first mapping key given twice, naming its path and both lines."""
+    if id(node) in seen:  # an alias: checked where its anchor is (and it may refer to itself)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{index}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        key_path = f"{path}.{key}" if path else key
+        if key in lines:
+            raise ParamsError(f"{key_path}: got a second {key!r} at line {line} (the first is at line {lines[key]}), "
+                              "expected each key once")
+        lines[key] = line
+        _check_unique_keys(value_node, key_path, seen)
 
 
-def _convert_scalar(value: Any, hint: type, key: str) -> Any:
-    # bool is an int in Python, and YAML reads "1e-3" as a string: handle both explicitly.
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        return float(value)
-    if hint is str and isinstance(value, str) and value:
-        return value
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}[hint]
-    raise ParamsError(f"{key}: got {value!r}, expected {expected}")
+def _with_variant_defaults(raw: Any) -> Any:
+    """Each variant is the train section with the variant's overrides (checked like train itself)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict) or not isinstance(raw.get("variants"), dict):
+        return raw
+    variants = {name: {**raw["train"], **(overrides or {})} if isinstance(overrides, dict) or overrides is None
+                else overrides for name, overrides in raw["variants"].items()}
+    return {**raw, "variants": variants}
 
 
-def _expect_mapping(value: Any, path: str) -> dict:
-    if not isinstance(value, dict):
-        raise ParamsError(f"{path}: got {value!r}, expected a mapping of keys to values")
-    return value
+@functools.cache
+def _adapter(model: Any) -> TypeAdapter:
+    return TypeAdapter(model)
 
 
-def _check_keys(raw: dict, expected: list[str], path: str, optional: tuple[str, ...]) -> None:
-    prefix = f"{path}." if path else ""
-    for key in raw:
-        if key not in expected:
-            raise ParamsError(f"{prefix}{key}: unknown key, expected one of {expected}")
-    for key in expected:
-        if key not in raw and key not in optional:
-            raise ParamsError(f"{prefix}{key}: missing key")
+def validate(model: type[Model], raw: Any, source: str, prefix: tuple[str, ...] = ()) -> Model:
+    """`raw` (from file `source`, at key path `prefix`) checked by pydantic; the first error becomes one line."""
+    try:
+        return _adapter(model).validate_python(raw)
+    except ValidationError as error:
+        raise ParamsError(_message(error.errors()[0], model, source, prefix)) from None
+
+
+def _message(error: dict, model: Any, source: str, prefix: tuple[str, ...]) -> str:
+    """`<key path>: got <value>, expected <what>` (or `missing key`, `unknown key`) for one pydantic error."""
+    loc = error["loc"]
+    path = _key_path((*prefix, *loc)) or source
+    if error["type"] in ("missing", "missing_argument", "missing_keyword_argument"):
+        return f"{path}: missing key"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        fields = [field.name for field in dataclasses.fields(_bare(_annotation_at(model, loc[:-1])))]
+        return f"{path}: unknown key, expected one of {fields}"
+    return f"{path}: got {error['input']!r}, expected {_expected(error, _annotation_at(model, loc))}"
+
+
+def _key_path(loc: tuple) -> str:
+    """('variants', 'd2l', 'hidden', 1) -> 'variants.d2l.hidden[1]'."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "[key]":  # pydantic's marker for an error in a mapping's key rather than its value
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _annotation_at(model: Any, loc: tuple) -> Any:
+    """The annotated type that checked the value at `loc`, to find the words for what it expects."""
+    annotation = model
+    for position, part in enumerate(loc):
+        base = _bare(annotation)
+        if dataclasses.is_dataclass(base):
+            annotation = typing.get_type_hints(base, include_extras=True).get(part, Any)
+        elif typing.get_origin(base) is dict:
+            key_type, value_type = typing.get_args(base)
+            annotation = key_type if loc[position + 1: position + 2] == ("[key]",) else value_type
+        elif typing.get_origin(base) is tuple:
+            annotation = typing.get_args(base)[0]
+    return annotation
+
+
+def _bare(annotation: Any) -> Any:
+    """The type under Annotated[...] and `| None`."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif type(None) in typing.get_args(annotation):
+            annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+        else:
+            return annotation
+
+
+def _expected(error: dict, annotation: Any) -> str:
+    """Our words for what a value must be: the field's description, or its type's."""
+    if error["type"] == "finite_number":
+        return "a finite number"
+    if error["type"] == "less_than" and error["ctx"]["lt"] == INT64_END:
+        return "an integer < 2**63 (int64)"
+    descriptions = [item.description for item in typing.get_args(annotation)[1:]
+                    if isinstance(item, FieldInfo) and item.description]
+    if descriptions:
+        return descriptions[-1]
+    base = _bare(annotation)
+    if typing.get_origin(base) is Literal:
+        return f"one of {list(typing.get_args(base))}"
+    if typing.get_origin(base) is tuple:
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}.get(
+        base, "a mapping of keys to values")
+
+
+def _check_data(data: DataParams) -> None:
+    """A built-in dataset has its hashes and sizes in code; another one must pin all four files."""
+    if data.dataset in datasets.BUILT_IN:
+        for key, what in (("sha256", "hashes"), ("counts", "counts")):
+            if getattr(data, key):
+                raise ParamsError(f"data.{key}: {data.dataset} has {what} pinned in code; expected no data.{key}")
+    elif set(data.sha256) != set(datasets.FILE_KINDS):
+        raise ParamsError(f"data.dataset: got {data.dataset!r}, expected one of {sorted(datasets.BUILT_IN)} "
+                          f"or data.sha256 pinning all of {list(datasets.FILE_KINDS)}")
+
+
+def _check_validation(prepare: PrepareParams, spec: datasets.DatasetSpec) -> None:
+    """The held-out images must leave a train split and give every class at least one image."""
+    held_out, train_count = prepare.validation, (spec.counts or {}).get("train")
+    if 0 < held_out < spec.classes:
+        raise ParamsError(f"prepare.validation: got {held_out}, expected 0 or at least {spec.classes} "
+                          "(one image per class)")
+    if train_count is not None and held_out >= train_count:  # without counts, prepare checks it on the data
+        raise ParamsError(f"prepare.validation: got {held_out}, expected fewer than the {train_count} train images "
+                          f"of {spec.name}")
+
+
+# Optimizer state per parameter, in parameter-sized tensors (torch.optim without momentum).
+OPTIMIZER_STATE = {"sgd": 0, "adam": 2, "adagrad": 1, "rmsprop": 1}
+FLOAT_BYTES = 4
+
+
+def training_bytes(train: TrainParams, inputs: int, classes: int) -> tuple[int, int]:
+    """Float32 bytes a training needs, from the sizes alone: (parameters + gradients + optimizer state,
+    one batch's activations: its inputs, each layer's output before and after the activation)."""
+    widths = [inputs, *train.hidden, classes]
+    parameters = sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise(widths))
+    weights = parameters * (2 + OPTIMIZER_STATE[train.optimizer]) * FLOAT_BYTES
+    batch = train.batch_size * (inputs + 2 * sum(widths[1:])) * FLOAT_BYTES
+    return weights, batch
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(key: str, train: TrainParams, classes: int) -> None:
+    """Refuse a model whose training cannot fit in RAM, before torch tries to allocate it."""
+    weights, batch = training_bytes(train, datasets.IMAGE_PIXELS, classes)
+    available = physical_memory_bytes()
+    if available is None or weights + batch <= available:
+        return
+    culprit, value = ("hidden", list(train.hidden)) if weights >= batch else ("batch_size", train.batch_size)
+    raise ParamsError(f"{key}.{culprit}: got {value}, expected a model that fits in memory: training needs about "
+                      f"{(weights + batch) / 1e9:.1f} GB (parameters, gradients, optimizer state, one batch), "
+                      f"this machine has {available / 1e9:.1f} GB")

@@ -1,8 +1,10 @@
 """The IDX datasets we know: file names, pinned hashes of the decompressed files, and sources."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
+
+from pipeline import idx
 
 # Kind of file -> its name in every IDX release (the .gz on mirrors adds ".gz").
 FILE_KINDS = {
@@ -11,6 +13,7 @@ FILE_KINDS = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+IMAGE_PIXELS = idx.IMAGE_SHAPE[0] * idx.IMAGE_SHAPE[1]
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,13 @@ CLASS_NAMES = {
 }
 
 
-def resolve(name: str, sources: tuple[str, ...], sha256: Mapping[str, str]) -> DatasetSpec:
+def resolve(name: str, sources: tuple[str, ...], sha256: Mapping[str, str],
+            counts: Mapping[str, int] | None = None) -> DatasetSpec:
     """The spec for `name`; params' sources (when given) replace the built-in ones."""
     if name in BUILT_IN:
         spec = BUILT_IN[name]
         return DatasetSpec(name, spec.sha256, tuple(sources) or spec.sources, spec.counts, spec.classes)
-    return DatasetSpec(name, dict(sha256), tuple(sources))
+    return DatasetSpec(name, dict(sha256), tuple(sources), dict(counts) if counts else None)
 
 
 def class_names(dataset: str, classes: int = 10) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from pipeline.errors import PipelineError
 
 UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+IMAGE_SHAPE = (28, 28)
 
 
 class IdxError(PipelineError):
@@ -43,7 +44,7 @@ def parse_header(data: bytes, name: str) -> IdxHeader:
 def check(data: bytes, name: str, kind: str, count: int | None, classes: int) -> IdxHeader:
     """Check an IDX file against what its kind must hold: image or label, item count, label range."""
     header = parse_header(data, name)
-    if kind.endswith("images") and (len(header.dims) != 3 or header.dims[1:] != (28, 28)):
+    if kind.endswith("images") and (len(header.dims) != 3 or header.dims[1:] != IMAGE_SHAPE):
         raise IdxError(f"{name}: dimensions {header.dims}, expected (N, 28, 28) images")
     if kind.endswith("labels"):
         if len(header.dims) != 1:
