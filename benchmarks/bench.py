@@ -134,13 +134,13 @@ def d2l_evaluate_accuracy(net: nn.Module, data_iter, device: torch.device) -> fl
 
 
 def our_epoch(params: config.TrainParams, device: torch.device, train_data: tuple[torch.Tensor, torch.Tensor],
-              test_data: tuple[torch.Tensor, torch.Tensor]) -> tuple[Callable[[], float], nn.Module]:
+              test_data: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[Callable[[], float], nn.Module]:
     """The stage's epoch, exactly the calls train.run makes; returns it and the model."""
-    torch.manual_seed(params.seed)  # model, optimizer and shuffle built as train.run builds them
+    torch.manual_seed(seed)  # model, optimizer and shuffle built as train.run builds them
     net = mlp.build(params.impl, params.hidden, params.activation, params.init_std,
-                    torch.Generator().manual_seed(params.seed)).to(device)
-    optimizer = train.OPTIMIZERS[params.optimizer](net.parameters(), lr=params.lr)
-    shuffle = torch.Generator(device=device).manual_seed(params.seed)
+                    torch.Generator().manual_seed(seed)).to(device)
+    optimizer = train.make_optimizer(params, net)
+    shuffle = torch.Generator(device=device).manual_seed(seed)
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
     test_images, test_labels = (tensor.to(device) for tensor in test_data)
 
@@ -148,7 +148,7 @@ def our_epoch(params: config.TrainParams, device: torch.device, train_data: tupl
 
     def epoch() -> float:
         step_losses, correct = train.train_epoch(net, optimizer, train_images, train_labels, params.batch_size,
-                                                 shuffle, loss_function)
+                                                 shuffle, loss_function, params.lr)
         step_losses.tolist(), correct.item()
         return train.evaluate(net, test_images, test_labels, loss_function=loss_function)[1]
     return epoch, net
@@ -244,27 +244,28 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
         temp = Path(temp_name)
         raw_dir, prepared_dir, source = bench_data(raw_dir, prepared_dir, temp, normalize)
         train_data, test_data = (_on(device, tensors.load_split(prepared_dir / f"{split}.pt")) for split in SPLITS)
-        ours, net = our_epoch(params, device, train_data, test_data)
+        first_seed = params.seeds[0]
+        ours, net = our_epoch(params, device, train_data, test_data, first_seed)
         # The floor: the same steps with hidden width 1, so the GEMMs cost ~nothing and what is left is the
         # per-step price of eager PyTorch (dispatch; autograd and the optimizer where fused.py does not
         # apply) plus the batch gather.
         width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
-        floor, _ = our_epoch(width_one, device, train_data, test_data)
+        floor, _ = our_epoch(width_one, device, train_data, test_data, first_seed)
         root = torchvision_root(raw_dir, temp)
-        pipelines = {"d2l": d2l_epoch(root, device, workers, params.seed), "ours": ours,
+        pipelines = {"d2l": d2l_epoch(root, device, workers, first_seed), "ours": ours,
                      "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]), "floor": floor}
         seconds, last_accuracy = measure(pipelines, epochs, device, report)
         # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
         # (pixels / 255, as ToTensor gives), which tells the code's accuracy apart from what our
         # normalization adds; `seeds` > 1 repeats all three from scratch with the next seeds.
         pixels = [_on(device, prepare.read_raw_split(raw_dir, split)) for split in SPLITS]
-        seed_list = [params.seed + offset for offset in range(seeds)]
-        runs = [{"d2l": pipelines["d2l"], "ours": ours, "ours_d2l_inputs": our_epoch(params, device, *pixels)[0]}]
+        seed_list = [first_seed + offset for offset in range(seeds)]
+        runs = [{"d2l": pipelines["d2l"], "ours": ours,
+                 "ours_d2l_inputs": our_epoch(params, device, *pixels, first_seed)[0]}]
         for seed in seed_list[1:]:
-            seeded = dataclasses.replace(params, seed=seed)
             runs.append({"d2l": d2l_epoch(root, device, workers, seed),
-                         "ours": our_epoch(seeded, device, train_data, test_data)[0],
-                         "ours_d2l_inputs": our_epoch(seeded, device, *pixels)[0]})
+                         "ours": our_epoch(params, device, train_data, test_data, seed)[0],
+                         "ours_d2l_inputs": our_epoch(params, device, *pixels, seed)[0]})
         report(f"accuracy after {max(ACCURACY_EPOCHS, epochs)} epochs, seeds {seed_list} (untimed)")
         accuracy = accuracy_study(runs, {name: (epochs, last_accuracy[name]) for name in ("d2l", "ours")}, seed_list)
     return {**summarize(seconds), **accuracy, "device": str(device), "device_name": device_description(device),

@@ -102,7 +102,7 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
     """Counted by torch's FLOP counter: the bound's GEMMs against train_epoch + evaluate."""
     params = small_params(impl=impl)
     train_data, test_data = (prepare.read_raw_split(raw_dir, split) for split in ("train", "test"))
-    epoch, net = bench.our_epoch(params, torch.device("cpu"), train_data, test_data)
+    epoch, net = bench.our_epoch(params, torch.device("cpu"), train_data, test_data, params.seeds[0])
     gemms = bench.gemm_epoch(net, params.batch_size, train_data[0], test_data[0])
     # The fused SGD step updates each weight in place with the GEMM that computes its gradient (addmm_).
     in_place = {torch.ops.aten.addmm_: addmm_flops}

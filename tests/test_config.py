@@ -210,7 +210,7 @@ def test_a_model_no_machine_can_hold_stops_the_stage_with_one_line(tmp_path):
     params = write_params(tmp_path, lambda p: (p["data"].update(sources=[str(tmp_path / "nowhere")]),
                                                 p["variants"]["d2l"].update(hidden=[10**12])))
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.download", "--params", str(params), "--out", str(tmp_path / "raw"),
+        [sys.executable, "-m", "pipeline.stages.download", "--params", str(params), "--out", str(tmp_path / "raw"),
          "--record", str(tmp_path / "download.json")],
         cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
         capture_output=True, text=True, timeout=120, check=False)
