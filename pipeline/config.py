@@ -72,6 +72,7 @@ class DataParams:
     dataset: Text
     sources: tuple[Text, ...]
     timeout_s: PositiveNumber
+    min_kbytes_per_s: PositiveNumber
     # Only for a dataset that is not built in: SHA-256 of its decompressed IDX files, and (optional) its sizes.
     sha256: dict[Text, Text] = dataclasses.field(default_factory=dict)
     counts: SplitCounts | None = None

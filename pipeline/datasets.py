@@ -75,5 +75,11 @@ def resolve(name: str, sources: tuple[str, ...], sha256: Mapping[str, str],
     return DatasetSpec(name, dict(sha256), tuple(sources), dict(counts) if counts else None)
 
 
+def max_file_bytes(spec: DatasetSpec, kind: str) -> int:
+    """The size of `kind`'s decompressed file: exact when the counts are known, else the most idx.MAX_ITEMS allow."""
+    count = spec.counts[kind.split("_")[0]] if spec.counts else idx.MAX_ITEMS
+    return idx.file_bytes(kind, count)
+
+
 def class_names(dataset: str, classes: int = 10) -> tuple[str, ...]:
     return CLASS_NAMES.get(dataset, tuple(str(index) for index in range(classes)))
