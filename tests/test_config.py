@@ -83,6 +83,8 @@ def custom_dataset(params: dict, **data) -> None:
     (lambda p: p["train"].update(lr=math.nan), "train.lr: got nan, expected a finite number"),
     (lambda p: p["evaluate"].update(max_train_loss=-math.inf), "evaluate.max_train_loss: got -inf, expected a finite"),
     (lambda p: p["linreg"].update(true_w=[2, math.nan]), "linreg.true_w[1]: got nan, expected a finite number"),
+    (lambda p: p["train"].update(lr=10**400), "train.lr: got 100000000000000000...0000000000000000000, expected a finite"),
+    (lambda p: p["variants"].update({7: {}}), "variants.7: got 7, expected a name of letters, digits, '_' or '-'"),
     (lambda p: p["train"].update(epochs=2**63), f"train.epochs: got {2**63}, expected an integer < 2**63 (int64)"),
     (lambda p: p["spiral"].update(steps=-2**70), f"spiral.steps: got {-2**70}, expected an integer >= 1"),
     (lambda p: p["train"].update(seeds=[1e23]), "train.seeds[0]: got 1e+23, expected an integer >= 0 and < 2**63"),
