@@ -12,6 +12,7 @@ import functools
 import itertools
 import os
 import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -58,20 +59,21 @@ VariantName = Annotated[str, Strict(), Field(
     description="a name of letters, digits, '_' or '-' that starts with a letter or digit")]
 Activation = Literal["relu", "sigmoid", "tanh", "leaky_relu"]
 
-section = functools.partial(dataclass, frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
+params_class = functools.partial(dataclass, frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
 
 
-@section
+@params_class
 class SplitCounts:
     train: Count
     test: Count
 
 
-@section
+@params_class
 class DataParams:
     dataset: Text
     sources: tuple[Text, ...]
     timeout_s: PositiveNumber
+    min_kbytes_per_s: PositiveNumber
     # Only for a dataset that is not built in: SHA-256 of its decompressed IDX files, and (optional) its sizes.
     sha256: dict[Text, Text] = dataclasses.field(default_factory=dict)
     counts: SplitCounts | None = None
@@ -82,20 +84,20 @@ class DataParams:
         return datasets.resolve(self.dataset, self.sources, self.sha256, counts)
 
 
-@section
+@params_class
 class PrepareParams:
     normalize: Flag
     validation: NonNegativeInteger
     seed: Seed
 
 
-@section
+@params_class
 class MlflowParams:
     experiment: Text
     registered_model: Text
 
 
-@section
+@params_class
 class TrainParams:
     impl: Literal["module", "scratch"]
     hidden: tuple[Count, ...]
@@ -110,14 +112,14 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"]
 
 
-@section
+@params_class
 class EvaluateParams:
     max_train_loss: PositiveNumber
     min_train_accuracy: Fraction
     min_test_accuracy: Fraction
 
 
-@section
+@params_class
 class LinregParams:
     true_w: Annotated[tuple[Number, ...], Field(min_length=1, description="a non-empty list of numbers")]
     true_b: Number
@@ -129,7 +131,7 @@ class LinregParams:
     seed: Seed
 
 
-@section
+@params_class
 class SpiralParams:
     classes: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
     points_per_class: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
@@ -143,7 +145,7 @@ class SpiralParams:
     seed: Seed
 
 
-@section
+@params_class
 class Params:
     data: DataParams
     prepare: PrepareParams
@@ -239,10 +241,13 @@ def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
 
 def _with_variant_defaults(raw: Any) -> Any:
     """Each variant is the train section with the variant's overrides (checked like train itself)."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict) or not isinstance(raw.get("variants"), dict):
-        return raw
-    variants = {name: {**raw["train"], **(overrides or {})} if isinstance(overrides, dict) or overrides is None
-                else overrides for name, overrides in raw["variants"].items()}
+    if not (isinstance(raw, dict) and isinstance(raw.get("train"), dict) and isinstance(raw.get("variants"), dict)):
+        return raw  # pydantic names what is wrong
+    variants = {}
+    for name, overrides in raw["variants"].items():
+        # `d2l:` with nothing under it is the train section as it is; a non-mapping is left for pydantic to name.
+        is_mapping = isinstance(overrides, dict) or overrides is None
+        variants[name] = {**raw["train"], **(overrides or {})} if is_mapping else overrides
     return {**raw, "variants": variants}
 
 
@@ -261,21 +266,21 @@ def validate(model: type[Model], raw: Any, source: str, prefix: tuple[str, ...] 
 
 def _message(error: dict, model: Any, source: str, prefix: tuple[str, ...]) -> str:
     """`<key path>: got <value>, expected <what>` (or `missing key`, `unknown key`) for one pydantic error."""
-    loc = error["loc"]
+    loc = error["loc"]  # the value's repr is shortened: a 400-digit int or a long list is no help on one line
     path = _key_path((*prefix, *loc)) or source
     if error["type"] in ("missing", "missing_argument", "missing_keyword_argument"):
         return f"{path}: missing key"
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         fields = [field.name for field in dataclasses.fields(_bare(_annotation_at(model, loc[:-1])))]
         return f"{path}: unknown key, expected one of {fields}"
-    return f"{path}: got {error['input']!r}, expected {_expected(error, _annotation_at(model, loc))}"
+    return f"{path}: got {reprlib.repr(error['input'])}, expected {_expected(error, _annotation_at(model, loc))}"
 
 
 def _key_path(loc: tuple) -> str:
     """('variants', 'd2l', 'hidden', 1) -> 'variants.d2l.hidden[1]'."""
     path = ""
-    for part in loc:
-        if isinstance(part, int):
+    for part, after in zip(loc, (*loc[1:], None)):
+        if isinstance(part, int) and after != "[key]":  # an item's index, not a mapping's key that YAML read as int
             path += f"[{part}]"
         elif part != "[key]":  # pydantic's marker for an error in a mapping's key rather than its value
             path += f".{part}" if path else str(part)
@@ -310,7 +315,8 @@ def _bare(annotation: Any) -> Any:
 
 def _expected(error: dict, annotation: Any) -> str:
     """Our words for what a value must be: the field's description, or its type's."""
-    if error["type"] == "finite_number":
+    too_large = error["type"] == "float_type" and type(error["input"]) is int  # an int beyond float's range
+    if error["type"] == "finite_number" or too_large:
         return "a finite number"
     if error["type"] == "less_than" and error["ctx"]["lt"] == INT64_END:
         return "an integer < 2**63 (int64)"

@@ -4,8 +4,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline import idx
-
 # Kind of file -> its name in every IDX release (the .gz on mirrors adds ".gz").
 FILE_KINDS = {
     "train_images": "train-images-idx3-ubyte",
@@ -13,7 +11,7 @@ FILE_KINDS = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-IMAGE_PIXELS = idx.IMAGE_SHAPE[0] * idx.IMAGE_SHAPE[1]
+IMAGE_PIXELS = 28 * 28  # idx.IMAGE_SHAPE; not imported, so that params checks do not depend on the IDX reader
 
 
 @dataclass(frozen=True)

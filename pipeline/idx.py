@@ -1,9 +1,10 @@
 """IDX files (the MNIST format): header checks that also run under `python -O`, and decoding to tensors."""
 from __future__ import annotations
 
-import gzip
+import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,24 @@ from pipeline.errors import PipelineError
 
 UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip header and checks the CRC and length trailer
 IMAGE_SHAPE = (28, 28)
+# Without a known item count, a file may hold as many items as MNIST's train split (the largest built-in file).
+MAX_ITEMS = 60_000
+
+
+def file_bytes(kind: str, count: int) -> int:
+    """The size of an IDX file of `count` images (N, 28, 28) or labels (N,)."""
+    return 16 + count * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] if kind.endswith("images") else 8 + count
+
+
+DEFAULT_MAX_BYTES = file_bytes("train_images", MAX_ITEMS)
+
+
+def archive_cap(max_bytes: int) -> int:
+    """The most bytes a gzip of a `max_bytes` file can take: deflate's stored blocks add 5 bytes per 64 KiB,
+    and the header may carry a file name."""
+    return max_bytes + max_bytes // 1000 + 4096
 
 
 class IdxError(PipelineError):
@@ -57,21 +75,54 @@ def check(data: bytes, name: str, kind: str, count: int | None, classes: int) ->
     return header
 
 
-def decompress(data: bytes, name: str) -> bytes:
-    """Gunzip when the bytes are gzip; a truncated or corrupt archive is an IdxError."""
+def decompress(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Gunzip when the bytes are gzip, never holding more than `max_bytes` of output (a gzip bomb stops there);
+    a truncated, corrupt or oversized file is an IdxError."""
     if not data.startswith(GZIP_MAGIC):
+        _check_size(len(data), name, max_bytes)
         return data
     try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as error:
+        return _gunzip(data, name, max_bytes)
+    except zlib.error as error:
         raise IdxError(f"{name}: bad gzip data ({error})") from None
 
 
-def read(path: Path):
-    """Decode an IDX file (optionally gzipped) into a uint8 tensor of its dimensions."""
+def _gunzip(data: bytes, name: str, max_bytes: int) -> bytes:
+    """Inflate gzip members one after another, at most max_bytes + 1 bytes of output in all."""
+    output, inflater, pending = bytearray(), zlib.decompressobj(GZIP_WBITS), data
+    while pending:
+        output += inflater.decompress(pending, max_bytes + 1 - len(output))  # a max_length of 0 would mean no limit
+        if len(output) > max_bytes:
+            raise IdxError(f"{name}: inflates to more than {max_bytes} bytes, expected at most {max_bytes}")
+        pending = inflater.unconsumed_tail
+        if inflater.eof and inflater.unused_data:  # another member follows, as gzip(1) allows
+            if not inflater.unused_data.startswith(GZIP_MAGIC):
+                raise IdxError(f"{name}: bad gzip data (trailing garbage after a member)")
+            pending, inflater = inflater.unused_data, zlib.decompressobj(GZIP_WBITS)
+    if not inflater.eof:
+        raise IdxError(f"{name}: bad gzip data (compressed file ended before the end-of-stream marker was reached)")
+    return bytes(output)
+
+
+def _check_size(size: int, name: str, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise IdxError(f"{name}: {size} bytes, expected at most {max_bytes}")
+
+
+def read_capped(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused (IdxError) rather than read when it holds more than `max_bytes`."""
+    with open(path, "rb") as file:
+        _check_size(os.fstat(file.fileno()).st_size, str(path), max_bytes)
+        data = file.read(max_bytes + 1)  # the file may have grown since fstat
+    _check_size(len(data), str(path), max_bytes)
+    return data
+
+
+def read(path: Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    """Decode an IDX file (optionally gzipped) of at most `max_bytes` (decompressed) into a uint8 tensor."""
     import torch  # here, not at module level: the download stage checks headers without paying for torch
 
-    data = decompress(Path(path).read_bytes(), str(path))
+    data = decompress(read_capped(path, archive_cap(max_bytes)), str(path), max_bytes)
     header = parse_header(data, str(path))
     flat = torch.frombuffer(bytearray(data[header.offset:]), dtype=torch.uint8)
     return flat.reshape(header.dims)
@@ -82,3 +133,8 @@ def _product(dims: tuple[int, ...]) -> int:
     for dim in dims:
         total *= dim
     return total
+
+
+def max_file_bytes(counts: Mapping[str, int] | None, kind: str) -> int:
+    """The size of `kind`'s decompressed file: exact when the split counts are known, else the most MAX_ITEMS allow."""
+    return file_bytes(kind, counts[kind.split("_")[0]] if counts else MAX_ITEMS)

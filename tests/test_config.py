@@ -30,7 +30,7 @@ def test_repo_params_load_with_the_d2l_defaults():
     assert params.variant("unit_init").init_std == 1.0
     assert params.variant("unit_init_30").epochs == 30
     assert params.variant("d2l_scratch").impl == "scratch"
-    assert d2l.seeds == (0, 1, 2)
+    assert d2l.seeds == (0, 1, 2) and params.data.min_kbytes_per_s == 50
     assert (params.prepare.validation, params.prepare.seed) == (5000, 0)
 
 
@@ -83,6 +83,8 @@ def custom_dataset(params: dict, **data) -> None:
     (lambda p: p["train"].update(lr=math.nan), "train.lr: got nan, expected a finite number"),
     (lambda p: p["evaluate"].update(max_train_loss=-math.inf), "evaluate.max_train_loss: got -inf, expected a finite"),
     (lambda p: p["linreg"].update(true_w=[2, math.nan]), "linreg.true_w[1]: got nan, expected a finite number"),
+    (lambda p: p["train"].update(lr=10**400), "train.lr: got 100000000000000000...0000000000000000000, expected a finite"),
+    (lambda p: p["variants"].update({7: {}}), "variants.7: got 7, expected a name of letters, digits, '_' or '-'"),
     (lambda p: p["train"].update(epochs=2**63), f"train.epochs: got {2**63}, expected an integer < 2**63 (int64)"),
     (lambda p: p["spiral"].update(steps=-2**70), f"spiral.steps: got {-2**70}, expected an integer >= 1"),
     (lambda p: p["train"].update(seeds=[1e23]), "train.seeds[0]: got 1e+23, expected an integer >= 0 and < 2**63"),
@@ -102,6 +104,7 @@ def custom_dataset(params: dict, **data) -> None:
      "prepare.validation: got 600, expected fewer than the 600 train images of tiny"),
     (lambda p: p["prepare"].pop("seed"), "prepare.seed: missing key"),
     (lambda p: p["prepare"].update(seed=1.5), "prepare.seed: got 1.5, expected an integer >= 0 and < 2**63"),
+    (lambda p: p["data"].update(min_kbytes_per_s=0), "data.min_kbytes_per_s: got 0, expected a number > 0"),
     (lambda p: p["data"].update(counts={"train": 9, "test": 9}), "data.counts: fashion_mnist has counts pinned in code"),
     (lambda p: custom_dataset(p, counts={"train": 600}), "data.counts.test: missing key"),
 ])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,23 @@ import yaml
 from pipeline.datasets import FILE_KINDS, DatasetSpec
 from pipeline.stages.download import fetch_verified, run
 from pipeline.errors import PipelineError
+from pipeline.idx import archive_cap, file_bytes
 from tests.conftest import REPO, tool_env
 
 HTML_PAGE = b"<!DOCTYPE html><html><body>Please log in to the captive portal</body></html>"
 # Mirror name -> the reason it must be skipped for, as written in the log line and in the final error.
 BAD_MIRROR_REASONS = {"corrupt": ": sha256 ", "truncated": ": truncated, ", "html": ": not an IDX file",
                       "missing": ": HTTP 404 Not Found", "stall-body": ": TimeoutError: timed out after "}
+
+
+def gzip_bomb(inflated_bytes: int) -> bytes:
+    """A valid gzip of `inflated_bytes` zeros, about 1000 times smaller, compressed a MiB at a time."""
+    compressor, zeros = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), bytes(1 << 20)
+    return b"".join(compressor.compress(zeros) for _ in range(inflated_bytes >> 20)) + compressor.flush()
+
+
+BOMB = gzip_bomb(128 << 20)  # 128 MiB inside about 130 KB: under the tiny train images' compressed cap
+ENDLESS_STOP = 64 << 20  # the "endless" mirror gives up after this much (only a client without a cap gets there)
 
 
 def flipped(data: bytes) -> bytes:
@@ -52,8 +64,38 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 self.server.release.wait(timeout=30)
         elif mirror == "bad-length":  # a proxy's duplicated header; the body is still the good file
             self.send_body(good, length=f"{len(good)}, {len(good)}")
+        elif mirror == "huge-length":
+            self.send_body(good, length=str(10**12))
+        elif mirror == "bomb":
+            self.send_body(BOMB)
+        elif mirror in ("trickle", "endless"):
+            self.send_slowly(good) if mirror == "trickle" else self.send_endlessly()
         else:
             self.send_body(good)
+
+    def send_slowly(self, body: bytes) -> None:
+        """The good file, one byte every 0.1 s: each read is well within the timeout, the whole is not."""
+        self.send_body(body, sent=0)
+        for offset in range(len(body)):
+            if self.server.release.wait(timeout=0.1):
+                return
+            self.write_or_stop(body[offset:offset + 1])
+
+    def send_endlessly(self) -> None:
+        """Zeros without a Content-Length, until the client hangs up (or ENDLESS_STOP)."""
+        self.send_response(200)
+        self.end_headers()
+        for _ in range(ENDLESS_STOP >> 16):
+            if not self.write_or_stop(bytes(1 << 16)):
+                return
+
+    def write_or_stop(self, data: bytes) -> bool:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+            return True
+        except OSError:  # the client gave up on us, as it should
+            return False
 
     def send_body(self, body: bytes, content_type: str = "application/gzip", sent: int | None = None,
                   length: str | None = None) -> None:
@@ -112,7 +154,8 @@ def stalled_url():
 
 
 def tiny_spec(tiny: dict, *sources: str | Path) -> DatasetSpec:
-    return DatasetSpec(name="tiny", sha256=tiny["sha256"], sources=tuple(str(source) for source in sources))
+    return DatasetSpec(name="tiny", sha256=tiny["sha256"], sources=tuple(str(source) for source in sources),
+                       counts={"train": 600, "test": 200})
 
 
 def assert_wrote_good_files(out_dir: Path, records: dict, tiny: dict, source: str) -> None:
@@ -162,6 +205,44 @@ def test_stalled_server_times_out_and_falls_through(tiny_dataset: dict, mirrors,
     elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 4, elapsed
     assert (data, source) == (tiny_dataset["files"]["test_labels"], f"{good}t10k-labels-idx1-ubyte.gz")
+
+
+LABELS_CAP = archive_cap(file_bytes("test_labels", 200))  # the most a compressed test_labels of 200 items takes
+
+
+@pytest.mark.parametrize("mirror, kind, reason", [
+    ("trickle", "test_labels", ": too slow, "),
+    ("endless", "test_labels", f": more than {LABELS_CAP} bytes, expected at most {LABELS_CAP}"),
+    ("huge-length", "test_labels", f": Content-Length {10**12} bytes, expected at most {LABELS_CAP}"),
+    ("bomb", "train_images", f": inflates to more than {file_bytes('train_images', 600)} bytes, expected at most "),
+])
+def test_unbounded_mirror_is_cut_off_and_the_next_one_used(tiny_dataset: dict, mirrors, capsys, mirror: str,
+                                                          kind: str, reason: str):
+    good, bad, filename = url(mirrors, "good"), url(mirrors, mirror), f"{FILE_KINDS[kind]}.gz"
+    # timeout 0.5 s per read, 1 KB/s: the trickle's deadline is 0.5 + 208 bytes / 1000 bytes/s = 0.7 s
+    data, source = fetch_verified(tiny_spec(tiny_dataset, bad, good), kind, timeout_s=0.5, min_kbytes_per_s=1)
+    assert (data, source) == (tiny_dataset["files"][kind], good + filename)
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipping source" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{FILE_KINDS[kind]}: skipping source: {bad}{filename}{reason}")
+
+
+def test_local_gzip_bomb_and_oversized_file_are_skipped_for_the_next_source(tiny_dataset: dict, tmp_path: Path,
+                                                                            capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train-images-idx3-ubyte.gz").write_bytes(BOMB)
+    with open(bad / "train-labels-idx1-ubyte", "wb") as sparse:
+        sparse.truncate(10**12)  # a terabyte of zeros that takes no disk, and must never be read
+    spec = tiny_spec(tiny_dataset, bad, tiny_dataset["dir"])
+    for kind in ("train_images", "train_labels"):
+        assert fetch_verified(spec, kind, timeout_s=1)[0] == tiny_dataset["files"][kind]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipping source" in line]
+    images_bytes, labels_cap = file_bytes("train_images", 600), archive_cap(file_bytes("train_labels", 600))
+    assert skipped == [
+        (f"train-images-idx3-ubyte: skipping source: {bad}/train-images-idx3-ubyte.gz: inflates to more than "
+         f"{images_bytes} bytes, expected at most {images_bytes}"),
+        (f"train-labels-idx1-ubyte: skipping source: {bad}/train-labels-idx1-ubyte: {10**12} bytes, "
+         f"expected at most {labels_cap}")]
 
 
 def test_all_sources_failing_names_each_reason_and_writes_nothing(tiny_dataset: dict, mirrors, stalled_url: str,
@@ -232,7 +313,7 @@ def test_cli_with_bad_params_exits_2_with_one_error_line(tmp_path: Path):
     env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "pipeline.stages.download", "--params", str(tmp_path / "params.yaml"),
                              "--out", str(tmp_path / "raw"), "--record", str(tmp_path / "download.json")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["error: data.timeout_s: got -1, expected a number > 0"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]

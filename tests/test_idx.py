@@ -5,6 +5,8 @@ import gzip
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -117,7 +119,53 @@ OPTIMIZED_CHECKS = textwrap.dedent("""
 
 def test_checks_still_raise_under_python_O():
     result = subprocess.run([sys.executable, "-O", "-c", OPTIMIZED_CHECKS], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and all(line.startswith("opt-file: ") for line in lines), result.stdout
+
+
+def zeros_gzip(inflated_bytes: int) -> bytes:
+    """A gzip of `inflated_bytes` zeros (a bomb when large), compressed a MiB at a time."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, idx.GZIP_WBITS)
+    return b"".join(compressor.compress(bytes(1 << 20)) for _ in range(inflated_bytes >> 20)) + compressor.flush()
+
+
+def test_decompress_stops_a_gzip_bomb_at_the_cap_without_holding_more():
+    bomb = zeros_gzip(256 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(idx.IdxError, match=r"^bomb\.gz: inflates to more than 1000000 bytes, expected at most"):
+            idx.decompress(bomb, "bomb.gz", max_bytes=10**6)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 10**6, peak
+
+
+def test_decompress_takes_exactly_the_cap_and_every_gzip_member():
+    assert idx.decompress(gzip.compress(GOOD_IMAGES), "exact.gz", max_bytes=len(GOOD_IMAGES)) == GOOD_IMAGES
+    two_members = gzip.compress(GOOD_LABELS[:10]) + gzip.compress(GOOD_LABELS[10:])
+    assert idx.decompress(two_members, "two.gz") == GOOD_LABELS == gzip.decompress(two_members)
+    with pytest.raises(idx.IdxError, match=r"^junk\.gz: bad gzip data \(trailing garbage"):
+        idx.decompress(gzip.compress(GOOD_LABELS) + b"junk", "junk.gz")
+    with pytest.raises(idx.IdxError, match=rf"^plain: {len(GOOD_LABELS)} bytes, expected at most 10$"):
+        idx.decompress(GOOD_LABELS, "plain", max_bytes=10)
+
+
+def test_read_refuses_files_over_the_cap_before_reading_them(tmp_path: Path):
+    huge = tmp_path / "huge-idx1-ubyte"
+    with open(huge, "wb") as sparse:
+        sparse.truncate(10**12)  # a terabyte of zeros that takes no disk: reading it would exhaust memory
+    with pytest.raises(idx.IdxError, match=rf"huge-idx1-ubyte: {10**12} bytes, expected at most "
+                                           rf"{idx.archive_cap(idx.DEFAULT_MAX_BYTES)}$"):
+        idx.read(huge)
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    bomb.write_bytes(zeros_gzip(64 << 20))  # more than the largest built-in file (47 MB)
+    with pytest.raises(idx.IdxError, match=rf"bomb-idx3-ubyte.gz: inflates to more than {idx.DEFAULT_MAX_BYTES} "):
+        idx.read(bomb)
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(GOOD_LABELS))
+    assert torch.equal(idx.read(path, max_bytes=len(GOOD_LABELS)), LABELS)
+    with pytest.raises(idx.IdxError, match="inflates to more than 37 bytes"):
+        idx.read(path, max_bytes=len(GOOD_LABELS) - 1)

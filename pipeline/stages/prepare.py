@@ -8,6 +8,7 @@ models are chosen on; the test split is read once, by evaluate. Pixels are scale
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,15 +23,17 @@ from pipeline.tensors import save_split
 SPLITS = ("train", "validation", "test")
 
 
-def run(raw_dir: Path, out_dir: Path, normalize: bool, validation: int = 0, seed: int = 0) -> dict:
-    """Write train.pt, validation.pt and test.pt ({"images": float32 [N, 784], "labels": int64 [N]}); return stats."""
-    train_images, train_labels = read_raw_split(raw_dir, "train")
+def run(raw_dir: Path, out_dir: Path, normalize: bool, validation: int = 0, seed: int = 0,
+        counts: Mapping[str, int] | None = None) -> dict:
+    """Write train.pt, validation.pt and test.pt ({"images": float32 [N, 784], "labels": int64 [N]}); return stats.
+    `counts` (items per split, when known) bounds what the IDX reader accepts."""
+    train_images, train_labels = read_raw_split(raw_dir, "train", counts)
     held_out = validation_indices(train_labels, validation, seed)
     kept = torch.ones(len(train_labels), dtype=torch.bool)
     kept[held_out] = False
     splits = {"train": (train_images[kept], train_labels[kept]),
               "validation": (train_images[held_out], train_labels[held_out]),
-              "test": read_raw_split(raw_dir, "test")}
+              "test": read_raw_split(raw_dir, "test", counts)}
     # float64 for the statistics: a float32 sum over 43M pixels loses digits.
     pixels = splits["train"][0].double()
     mean, std = (pixels.mean().item(), pixels.std().item()) if normalize else (0.0, 1.0)
@@ -67,10 +70,11 @@ def validation_indices(labels: torch.Tensor, count: int, seed: int) -> torch.Ten
     return torch.cat(picked).sort().values
 
 
-def read_raw_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_raw_split(raw_dir: Path, split: str, counts: Mapping[str, int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 in [0, 1], flattened to 784 columns, and labels as int64."""
-    images = idx.read(raw_dir / FILE_KINDS[f"{split}_images"])
-    labels = idx.read(raw_dir / FILE_KINDS[f"{split}_labels"])
+    images, labels = (idx.read(raw_dir / FILE_KINDS[f"{split}_{part}"], max_bytes=idx.max_file_bytes(counts, f"{split}_{part}"))
+                      for part in ("images", "labels"))
     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
         raise PipelineError(f"{raw_dir}: {split} images {tuple(images.shape)} do not match labels {tuple(labels.shape)}")
     return images.reshape(len(images), -1).float().div_(255), labels.long()
@@ -93,7 +97,8 @@ def main() -> None:
 
         started = time.monotonic()
         stats = {"dataset": params.data.dataset, **run(args.raw, args.out, params.prepare.normalize,
-                                                       params.prepare.validation, params.prepare.seed)}
+                                                       params.prepare.validation, params.prepare.seed,
+                                                       params.data.spec().counts)}
         mlflow.log_params({"dataset": params.data.dataset, "normalize": params.prepare.normalize,
                            "validation": params.prepare.validation, "validation_seed": params.prepare.seed})
         mlflow.log_metrics({key: stats[key] for key in ("mean", "std", *(f"{s}_count" for s in SPLITS))})
