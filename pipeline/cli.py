@@ -15,10 +15,10 @@ T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-def stage_parser(doc: str) -> argparse.ArgumentParser:
-    """A stage's command line: the first line of its docstring, and where params.yaml is."""
+def stage_parser(doc: str, params: Path = DEFAULT_PARAMS) -> argparse.ArgumentParser:
+    """A stage's command line: the first line of its docstring, and where its params file is."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--params", type=Path, default=params)
     return parser
 
 

@@ -8,26 +8,27 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from lessons.linreg import linreg
 from lessons.spiral import spiral
-from pipeline import config
+from pipeline.params_file import ParamsError, load_section
 from tests.conftest import REPO, tool_env
-from tests.test_config import write_params
 
-PARAMS = config.load(REPO / "params.yaml")
+LINREG = load_section(REPO / "lessons/linreg/params.yaml", "linreg", linreg.LinregParams)
+SPIRAL = load_section(REPO / "lessons/spiral/params.yaml", "spiral", spiral.SpiralParams)
 
 
 @pytest.fixture(scope="module")
 def spiral_result() -> spiral.SpiralResult:
-    return spiral.run(PARAMS.spiral)
+    return spiral.run(SPIRAL)
 
 
 def test_linreg_recovers_w_and_b_as_least_squares_does():
-    result = linreg.run(PARAMS.linreg)
-    figures = linreg.summary(PARAMS.linreg, result, run_id="")
+    result = linreg.run(LINREG)
+    figures = linreg.summary(LINREG, result, run_id="")
     assert max(figures["w_error"]) < 0.01 and figures["b_error"] < 0.01
-    assert figures["final_loss"] < 2 * PARAMS.linreg.noise_std ** 2  # at the noise floor, noise_std^2 / 2
+    assert figures["final_loss"] < 2 * LINREG.noise_std ** 2  # at the noise floor, noise_std^2 / 2
     # The reference: the exact least-squares fit of the same data, which SGD should approach.
     design = torch.cat([result.features, torch.ones(len(result.labels), 1)], dim=1)
     exact = torch.linalg.lstsq(design, result.labels[:, None]).solution.flatten()
@@ -36,21 +37,21 @@ def test_linreg_recovers_w_and_b_as_least_squares_does():
 
 def test_linreg_reports_one_loss_per_epoch():
     reported = []
-    result = linreg.run(PARAMS.linreg, lambda epoch, loss: reported.append((epoch, loss)))
+    result = linreg.run(LINREG, lambda epoch, loss: reported.append((epoch, loss)))
     assert reported == list(enumerate(result.losses, start=1))
-    assert len(reported) == PARAMS.linreg.epochs and reported[-1][1] < reported[0][1]
+    assert len(reported) == LINREG.epochs and reported[-1][1] < reported[0][1]
 
 
 def test_linreg_is_deterministic_for_a_seed():
-    first, second = linreg.run(PARAMS.linreg), linreg.run(PARAMS.linreg)
+    first, second = linreg.run(LINREG), linreg.run(LINREG)
     assert torch.equal(first.w, second.w) and torch.equal(first.b, second.b) and first.losses == second.losses
-    other = linreg.run(dataclasses.replace(PARAMS.linreg, seed=PARAMS.linreg.seed + 1))
+    other = linreg.run(dataclasses.replace(LINREG, seed=LINREG.seed + 1))
     assert not torch.equal(first.features, other.features)
 
 
 def test_only_the_mlps_separate_the_spiral(spiral_result):
     models = spiral_result.models
-    assert list(models) == ["linear", *PARAMS.spiral.activations]
+    assert list(models) == ["linear", *SPIRAL.activations]
     assert models["linear"].train_accuracy < 0.6
     for name in ("relu", "tanh", "leaky_relu"):
         assert models[name].train_accuracy > 0.9, name
@@ -58,14 +59,14 @@ def test_only_the_mlps_separate_the_spiral(spiral_result):
 
 
 def test_spiral_split_and_summary(spiral_result):
-    total = PARAMS.spiral.classes * PARAMS.spiral.points_per_class
+    total = SPIRAL.classes * SPIRAL.points_per_class
     figures = spiral.summary(spiral_result, run_id="")
-    assert figures["test_examples"] == round(total * PARAMS.spiral.test_fraction)
+    assert figures["test_examples"] == round(total * SPIRAL.test_fraction)
     assert figures["train_examples"] + figures["test_examples"] == total
     assert set(figures["models"]) == set(spiral_result.models)
     low, high = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
     grid = spiral.predict_grid(spiral_result.models["relu"].net, low, high, resolution=50)
-    assert grid.shape == (50, 50) and set(grid.unique().tolist()) == set(range(PARAMS.spiral.classes))
+    assert grid.shape == (50, 50) and set(grid.unique().tolist()) == set(range(SPIRAL.classes))
 
 
 def test_hand_written_adam_matches_torch_optim_adam():
@@ -83,7 +84,7 @@ def test_hand_written_adam_matches_torch_optim_adam():
 
 
 def test_spiral_is_deterministic_for_a_seed():
-    short = dataclasses.replace(PARAMS.spiral, steps=20)
+    short = dataclasses.replace(SPIRAL, steps=20)
     first, second = spiral.run(short), spiral.run(short)
     assert torch.equal(first.train_points, second.train_points) and torch.equal(first.test_labels, second.test_labels)
     for name, model in first.models.items():
@@ -94,7 +95,7 @@ def test_spiral_is_deterministic_for_a_seed():
 
 def test_spiral_restores_the_thread_count():
     threads = torch.get_num_threads()
-    spiral.run(dataclasses.replace(PARAMS.spiral, steps=1))
+    spiral.run(dataclasses.replace(SPIRAL, steps=1))
     assert torch.get_num_threads() == threads
 
 
@@ -111,18 +112,20 @@ def test_spiral_restores_the_thread_count():
     (lambda p: p["spiral"].update(activations=["relu", "relu"]),
      "spiral.activations: got ['relu', 'relu'], expected a non-empty list without repeats"),
     (lambda p: p["spiral"].update(hiden=64), "spiral.hiden: unknown key"),
+    (lambda p: p["linreg"].update(true_w=[2, float("nan")]), "linreg.true_w[1]: got nan, expected a finite number"),
+    (lambda p: p["linreg"].update(seed=2**63), f"linreg.seed: got {2**63}, expected an integer < 2**63"),
+    (lambda p: p["spiral"].update(steps=-2**70), f"spiral.steps: got {-2**70}, expected an integer >= 1"),
 ])
 def test_bad_lesson_params_name_the_key(tmp_path, change, message):
-    with pytest.raises(config.ParamsError) as error:
-        config.load(write_params(tmp_path, change))
+    lesson = next(iter(set(message.split(".")[:1])))
+    params = yaml.safe_load((REPO / f"lessons/{lesson}/params.yaml").read_text())
+    change(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    model = {"linreg": linreg.LinregParams, "spiral": spiral.SpiralParams}[lesson]
+    with pytest.raises(ParamsError) as error:
+        load_section(tmp_path / "params.yaml", lesson, model)
     assert message in str(error.value)
 
-
-def test_a_stage_needs_its_optional_section(tmp_path):
-    params = config.load(write_params(tmp_path, lambda p: p.pop("spiral")))  # another pipeline's params file
-    assert params.spiral is None
-    with pytest.raises(config.ParamsError, match="^spiral: missing key$"):
-        params.section("spiral")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +164,6 @@ def test_stage_cli_writes_its_outputs_and_a_finished_mlflow_run(stage_runs, stag
     if stage == "linreg":
         log = (directory.parent / "linreg.log").read_text()
         epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
-        assert len(epochs) == PARAMS.linreg.epochs
+        assert len(epochs) == LINREG.epochs
         steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(1, PARAMS.linreg.epochs + 1))
+        assert steps == list(range(1, LINREG.epochs + 1))

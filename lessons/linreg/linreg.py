@@ -9,13 +9,31 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from pydantic import Field
 
-from pipeline import cli, config, tracking
+from pipeline import cli, tracking
 from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
+from pipeline.params_file import (Count, NonNegativeNumber, Number, PositiveNumber, Seed, Text, load_section,
+                                  params_class)
+
+PARAMS = Path("lessons/linreg/params.yaml")
+
+
+@params_class
+class LinregParams:
+    experiment: Text  # the MLflow experiment of the lesson runs
+    true_w: Annotated[tuple[Number, ...], Field(min_length=1, description="a non-empty list of numbers")]
+    true_b: Number
+    noise_std: NonNegativeNumber
+    examples: Count
+    batch_size: Count
+    lr: PositiveNumber
+    epochs: Count
+    seed: Seed
 
 
 @dataclass
@@ -56,7 +74,7 @@ def sgd_epoch(w: torch.Tensor, b: torch.Tensor, features: torch.Tensor, labels: 
                 parameter.grad.zero_()
 
 
-def run(params: config.LinregParams, report: Callable[[int, float], None] = lambda epoch, loss: None) -> LinregResult:
+def run(params: LinregParams, report: Callable[[int, float], None] = lambda epoch, loss: None) -> LinregResult:
     """Generate the data, then fit w ~ N(0, 0.01^2) and b = 0 by minibatch SGD; report(epoch, loss) after each epoch."""
     generator = torch.Generator().manual_seed(params.seed)
     true_w = torch.tensor(params.true_w)
@@ -72,7 +90,7 @@ def run(params: config.LinregParams, report: Callable[[int, float], None] = lamb
     return result
 
 
-def summary(params: config.LinregParams, result: LinregResult, run_id: str) -> dict:
+def summary(params: LinregParams, result: LinregResult, run_id: str) -> dict:
     """The final figures DVC tracks: recovered w and b, their absolute errors, the final loss."""
     w, b = result.w.detach().tolist(), result.b.item()
     return {"w": w, "b": b, "true_w": list(params.true_w), "true_b": params.true_b,
@@ -102,13 +120,12 @@ def draw_fit(path: Path, result: LinregResult) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = cli.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the recovered w and b")
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()
-    params = config.load(args.params)
-    linreg_params = params.section("linreg")
-    with tracking.stage_run("linreg", params.mlflow.experiment) as mlflow_run:
+    linreg_params = load_section(args.params, "linreg", LinregParams)
+    with tracking.stage_run("linreg", linreg_params.experiment) as mlflow_run:
         import mlflow
 
         mlflow.log_params(dataclasses.asdict(linreg_params))

@@ -12,16 +12,36 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import nn
 
-from pipeline import cli, config, tracking
+from pipeline import cli, tracking
 from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.model import MODULE_ACTIVATIONS
+from pipeline.params_file import (Activation, Count, Integer, NonNegativeNumber, Number, PositiveNumber, Seed, Text,
+                                  distinct, load_section, params_class)
+
+PARAMS = Path("lessons/spiral/params.yaml")
+
+
+@params_class
+class SpiralParams:
+    experiment: Text  # the MLflow experiment of the lesson runs
+    classes: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
+    points_per_class: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
+    noise: NonNegativeNumber
+    test_fraction: Annotated[Number, Field(gt=0, lt=1, description="a number > 0 and < 1")]
+    activations: Annotated[tuple[Activation, ...], Field(min_length=1), AfterValidator(distinct),
+                           Field(description="a non-empty list without repeats")]
+    hidden: Count
+    lr: PositiveNumber
+    steps: Count
+    seed: Seed
 
 LINEAR = "linear"
 CURVE_POINTS = 20  # loss points per model sent to MLflow
@@ -113,7 +133,7 @@ def one_thread() -> Iterator[None]:
 
 
 @one_thread()
-def run(params: config.SpiralParams) -> SpiralResult:
+def run(params: SpiralParams) -> SpiralResult:
     """Make the spiral, hold out params.test_fraction of it, and train the linear model and each MLP."""
     generator = torch.Generator().manual_seed(params.seed)
     points, labels = make_spiral(params.classes, params.points_per_class, params.noise, generator)
@@ -184,13 +204,12 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
 
 @stage_entry
 def main() -> None:
-    parser = cli.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of each model's accuracy")
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()
-    params = config.load(args.params)
-    spiral_params = params.section("spiral")
-    with tracking.stage_run("spiral", params.mlflow.experiment) as mlflow_run:
+    spiral_params = load_section(args.params, "spiral", SpiralParams)
+    with tracking.stage_run("spiral", spiral_params.experiment) as mlflow_run:
         import mlflow
 
         mlflow.log_params(dataclasses.asdict(spiral_params))
