@@ -199,10 +199,13 @@ def _check_artifacts(model_uri: str | None) -> None:
     if not model_uri:
         raise PipelineError("compare: the champion has no logged model (train.json has no mlflow_model_uri)")
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel")
+        files = [artifact.path for artifact in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)]
     except Exception as error:  # noqa: BLE001 - any failure means there is nothing to serve
-        raise PipelineError(f"compare: refusing to register {model_uri}: its artifacts are missing "
-                            f"({str(error).splitlines()[0][:200]})") from None
+        files, reason = [], str(error).splitlines()[0][:200]
+    else:
+        reason = f"found {files or 'no files'}"
+    if "MLmodel" not in files:
+        raise PipelineError(f"compare: refusing to register {model_uri}: its artifacts are missing ({reason})")
 
 
 @stage_entry
