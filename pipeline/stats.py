@@ -23,7 +23,7 @@ def t_interval(values: list[float]) -> tuple[float, float] | None:
 
     mean, std = statistics.fmean(values), statistics.stdev(values)
     half = t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * std / math.sqrt(len(values))
-    return mean - half, mean + half
+    return float(mean - half), float(mean + half)  # plain floats: scipy gives numpy scalars
 
 
 def paired_difference(first: dict[str, float], second: dict[str, float]) -> dict:
