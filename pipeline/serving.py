@@ -8,9 +8,10 @@ take uint8 images (N, 28, 28) and answer classes and probabilities; see docs/ser
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
