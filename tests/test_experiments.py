@@ -27,9 +27,9 @@ def readme_exp_lines() -> list[str]:
 
 
 def small_params(tiny: dict):
-    """The tiny dataset with README's variant names, one epoch and one seed: quick enough to run many times."""
+    """The tiny dataset with README's variant names, two epochs and one seed: quick enough to run many times."""
     def change(params: dict) -> None:
-        tiny_params(tiny, epochs=1)(params)
+        tiny_params(tiny, epochs=2)(params)
         params["train"]["seeds"] = [0]
         params["variants"] = {"d2l": {"init_std": 0.01}, "d2l_scratch": {"impl": "scratch"}}
     return change
