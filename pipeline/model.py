@@ -113,7 +113,7 @@ def _empty_model(path: Path, architecture: object) -> nn.Module:
     """The model an architecture JSON describes, to load weights into."""
     try:
         return build(architecture["impl"], tuple(architecture["hidden"]), architecture["activation"], 1.0)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError):
         raise PipelineError(f"{path}: got {architecture!r:.200}, expected the keys impl, hidden and activation "
                             f"(one of {', '.join(SCRATCH_ACTIVATIONS)})") from None
 
