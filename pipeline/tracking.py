@@ -89,6 +89,7 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
     _quiet_store_tracebacks()
     with store_errors(uri):
         with _embedded_store_lock(uri):
+            _look_after_embedded_store(uri)
             mlflow.set_tracking_uri(uri)
             experiment_id = _use_experiment(mlflow, experiment, uri)
         close_orphans(experiment_id)
@@ -137,7 +138,14 @@ def store_errors(uri: str) -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - any failure inside the store is the same user problem
         if not _from_store(error):
             raise
-        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}") from None
+        hint = _restore_hint(uri, error)
+        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}{hint}") from None
+
+
+def _restore_hint(uri: str, error: BaseException) -> str:
+    """For a damaged embedded store, the command that puts its newest backup back."""
+    damaged = any(sign in str(error) for sign in ("malformed", "file is not a database"))
+    return "; python -m pipeline.store restore puts back the newest backup" if damaged and _embedded_db(uri) else ""
 
 
 def _from_store(error: BaseException) -> bool:
@@ -216,6 +224,23 @@ def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
             if out.get("path", "").rstrip("/") == wanted:
                 return out.get("md5")
     return None
+
+
+def _embedded_db(uri: str) -> Path | None:
+    """The SQLite file of the embedded store at the workspace root, when `uri` is that store."""
+    db = workspace_root() / "mlflow.db"
+    return db if uri == f"sqlite:///{db}" else None
+
+
+def _look_after_embedded_store(uri: str) -> None:
+    """Before MLflow opens the embedded store: back it up when due, and point it at this copy's mlartifacts/."""
+    db = _embedded_db(uri)
+    if db is None:
+        return
+    from pipeline import store
+
+    store.backup_if_due(db)
+    store.relocate(db)
 
 
 def _quiet_store_tracebacks() -> None:
