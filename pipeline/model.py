@@ -1,7 +1,6 @@
 """d2l's multilayer perceptron in its two forms: from scratch (W1, b1, W2, b2) and as nn.Sequential."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -96,16 +95,30 @@ def save(model: nn.Module, path: Path, architecture: dict) -> None:
 
 def load(path: Path) -> nn.Module:
     """Rebuild a saved model; never unpickles anything but tensors."""
+    from pipeline.tensors import load_tensors
+
     architecture = read_json(path.with_suffix(".json"))
-    if architecture.get("diverged"):
+    if isinstance(architecture, dict) and architecture.get("diverged"):
         raise PipelineError(f"{path}: the training diverged, so no model was saved")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise PipelineError(f"refusing to load {path}: {str(error).strip().splitlines()[0]}") from None
-    model = build(architecture["impl"], tuple(architecture["hidden"]), architecture["activation"], 1.0)
+    model = _empty_model(path.with_suffix(".json"), architecture)
+    state = load_tensors(path, "a state dict of tensors saved by pipeline.model.save")
     try:
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise PipelineError(f"{path}: weights do not fit {architecture}: {str(error).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
+        raise PipelineError(f"{path}: weights do not fit {architecture}: {_mismatch(error)}") from None
     return model
+
+
+def _empty_model(path: Path, architecture: object) -> nn.Module:
+    """The model an architecture JSON describes, to load weights into."""
+    try:
+        return build(architecture["impl"], tuple(architecture["hidden"]), architecture["activation"], 1.0)
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}: got {architecture!r:.200}, expected the keys impl, hidden and activation "
+                            f"(one of {', '.join(SCRATCH_ACTIVATIONS)})") from None
+
+
+def _mismatch(error: BaseException) -> str:
+    # load_state_dict says "Error(s) in loading state_dict for X:" first and the mismatches on the lines below.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[1:] or lines)[:300]

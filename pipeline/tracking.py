@@ -1,6 +1,7 @@
 """MLflow for every stage: where runs go, how they point back at DVC (lineage), and runs that never stay RUNNING."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -85,8 +86,10 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
 
     _bound_http_retries()
     uri = tracking_uri()
+    _quiet_store_tracebacks()
     with store_errors(uri):
         with _embedded_store_lock(uri):
+            _look_after_embedded_store(uri)
             mlflow.set_tracking_uri(uri)
             experiment_id = _use_experiment(mlflow, experiment, uri)
         close_orphans(experiment_id)
@@ -101,8 +104,8 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
     except (KeyboardInterrupt, SystemExit):
         _end_run(mlflow, "KILLED")
         raise
-    except BaseException:
-        _end_run(mlflow, "FAILED")
+    except BaseException as error:
+        _end_run(mlflow, "FAILED", error)
         raise
     with store_errors(uri):
         mlflow.end_run("FINISHED")
@@ -119,8 +122,8 @@ def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
     except (KeyboardInterrupt, SystemExit):
         _end_run(mlflow, "KILLED")
         raise
-    except BaseException:
-        _end_run(mlflow, "FAILED")
+    except BaseException as error:
+        _end_run(mlflow, "FAILED", error)
         raise
     mlflow.end_run("FINISHED")
 
@@ -135,7 +138,14 @@ def store_errors(uri: str) -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - any failure inside the store is the same user problem
         if not _from_store(error):
             raise
-        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}") from None
+        hint = _restore_hint(uri, error)
+        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}{hint}") from None
+
+
+def _restore_hint(uri: str, error: BaseException) -> str:
+    """For a damaged embedded store, the command that puts its newest backup back."""
+    damaged = any(sign in str(error) for sign in ("malformed", "file is not a database"))
+    return "; python -m pipeline.store restore puts back the newest backup" if damaged and _embedded_db(uri) else ""
 
 
 def _from_store(error: BaseException) -> bool:
@@ -143,12 +153,22 @@ def _from_store(error: BaseException) -> bool:
     return module.startswith(("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "psycopg2"))
 
 
-def _end_run(mlflow: Any, status: str) -> None:
+def _end_run(mlflow: Any, status: str, error: BaseException | None = None) -> None:
     """End the active run best-effort: the store may be what failed; the next stage closes what is left."""
+    if error is not None and "database is locked" in str(error):
+        # Another process holds the store: ending the run would wait out MLflow's 20 s busy timeout once more
+        # per open run. Forget the run instead (MLflow's exit hook would otherwise end it FINISHED); it stays
+        # RUNNING, and the next stage to reach the store ends it FAILED (close_orphans).
+        from mlflow.tracking import fluent
+
+        stack = fluent._active_run_stack.get()
+        if stack:
+            print(f"warning: left MLflow run {stack.pop().info.run_id} RUNNING: the store is locked")
+        return
     try:
         mlflow.end_run(status)
-    except Exception as error:  # noqa: BLE001
-        print(f"warning: could not end the MLflow run as {status}: {_first_line(error)}")
+    except Exception as failure:  # noqa: BLE001
+        print(f"warning: could not end the MLflow run as {status}: {_first_line(failure)}")
 
 
 def close_orphans(experiment_id: str) -> None:
@@ -204,6 +224,33 @@ def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
             if out.get("path", "").rstrip("/") == wanted:
                 return out.get("md5")
     return None
+
+
+def _embedded_db(uri: str) -> Path | None:
+    """The SQLite file of the embedded store at the workspace root, when `uri` is that store."""
+    db = workspace_root() / "mlflow.db"
+    return db if uri == f"sqlite:///{db}" else None
+
+
+def _look_after_embedded_store(uri: str) -> None:
+    """Before MLflow opens the embedded store: back it up when due, and point it at this copy's mlartifacts/."""
+    db = _embedded_db(uri)
+    if db is None:
+        return
+    from pipeline import store
+
+    store.backup_if_due(db)
+    store.relocate(db)
+
+
+def _quiet_store_tracebacks() -> None:
+    """MLflow logs a traceback for every database error it raises; store_errors reports it in one line."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    logger.addFilter(_not_a_database_error_traceback)  # adding it again is a no-op
+
+
+def _not_a_database_error_traceback(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("SQLAlchemy database error")
 
 
 @contextmanager
