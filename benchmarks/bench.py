@@ -9,6 +9,7 @@ each figure is the median of the others. Prints a table, then one JSON line.
 Then, untimed, d2l's pipeline and ours train on to 10 epochs (for `--seeds` seeds) to compare test accuracy.
 On 2 threads of an AMD EPYC VM our epoch takes ~0.5 s, ~1.1-1.2x its GEMMs and ~15-18x less than d2l's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,19 @@ import statistics
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from pipeline import config, model as mlp, tensors
-from pipeline.stages import prepare, train
-from pipeline.datasets import FILE_KINDS
+from pipeline import config, tensors
+from pipeline import model as mlp
 from pipeline.cli import stage_entry
+from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError
 from pipeline.losses import LOSSES
+from pipeline.stages import prepare, train
 
 EPOCHS = {"quick": 5, "full": 10}  # timed
 ACCURACY_EPOCHS = 10  # d2l's; the accuracies compared are after this many
@@ -97,12 +99,21 @@ def d2l_epoch(root: Path, device: torch.device, workers: int, seed: int) -> Call
 
     torch.manual_seed(seed)
     trans = transforms.ToTensor()
-    train_iter = data.DataLoader(datasets.FashionMNIST(root, train=True, transform=trans, download=False), 256,
-                                 shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(seed))
-    test_iter = data.DataLoader(datasets.FashionMNIST(root, train=False, transform=trans, download=False), 256,
-                                shuffle=False, num_workers=workers)
+    train_iter = data.DataLoader(
+        datasets.FashionMNIST(root, train=True, transform=trans, download=False),
+        256,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test_iter = data.DataLoader(
+        datasets.FashionMNIST(root, train=False, transform=trans, download=False),
+        256,
+        shuffle=False,
+        num_workers=workers,
+    )
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    net.apply(lambda m: nn.init.normal_(m.weight, std=0.01) if type(m) == nn.Linear else None)
+    net.apply(lambda m: nn.init.normal_(m.weight, std=0.01) if type(m) == nn.Linear else None)  # noqa: E721 - d2l's code as printed
     net.to(device)
     loss = nn.CrossEntropyLoss(reduction="none")
     updater = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -112,12 +123,13 @@ def d2l_epoch(root: Path, device: torch.device, workers: int, seed: int) -> Call
         for X, y in train_iter:  # train_epoch_ch3, with its per-step float(l.sum()) and accuracy()
             X, y = X.to(device), y.to(device)
             y_hat = net(X)
-            l = loss(y_hat, y)
+            l = loss(y_hat, y)  # noqa: E741 - d2l's names, as printed
             updater.zero_grad()
             l.mean().backward()
             updater.step()
             float(l.detach().sum()), float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
         return d2l_evaluate_accuracy(net, test_iter, device)
+
     return epoch
 
 
@@ -133,12 +145,18 @@ def d2l_evaluate_accuracy(net: nn.Module, data_iter, device: torch.device) -> fl
     return correct / count
 
 
-def our_epoch(params: config.TrainParams, device: torch.device, train_data: tuple[torch.Tensor, torch.Tensor],
-              test_data: tuple[torch.Tensor, torch.Tensor], seed: int) -> tuple[Callable[[], float], nn.Module]:
+def our_epoch(
+    params: config.TrainParams,
+    device: torch.device,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+) -> tuple[Callable[[], float], nn.Module]:
     """The stage's epoch, exactly the calls train.run makes; returns it and the model."""
     torch.manual_seed(seed)  # model, optimizer and shuffle built as train.run builds them
-    net = mlp.build(params.impl, params.hidden, params.activation, params.init_std,
-                    torch.Generator().manual_seed(seed)).to(device)
+    net = mlp.build(
+        params.impl, params.hidden, params.activation, params.init_std, torch.Generator().manual_seed(seed)
+    ).to(device)
     optimizer = train.make_optimizer(params, net)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
@@ -147,15 +165,18 @@ def our_epoch(params: config.TrainParams, device: torch.device, train_data: tupl
     loss_function = LOSSES[params.loss]
 
     def epoch() -> float:
-        step_losses, correct = train.train_epoch(net, optimizer, train_images, train_labels, params.batch_size,
-                                                 shuffle, loss_function, params.lr)
+        step_losses, correct = train.train_epoch(
+            net, optimizer, train_images, train_labels, params.batch_size, shuffle, loss_function, params.lr
+        )
         step_losses.tolist(), correct.item()
         return train.evaluate(net, test_images, test_labels, loss_function=loss_function)[1]
+
     return epoch, net
 
 
-def gemm_epoch(net: nn.Module, batch_size: int, train_images: torch.Tensor,
-               test_images: torch.Tensor) -> Callable[[], None]:
+def gemm_epoch(
+    net: nn.Module, batch_size: int, train_images: torch.Tensor, test_images: torch.Tensor
+) -> Callable[[], None]:
     """Only the matrix multiplies of one epoch, in the model's own weight layout and dtype: per step the
     forward X@W per layer, then backward dW per layer and dH for all but the input layer; then the test forward."""
     weights = [parameter.detach().clone() for parameter in net.parameters() if parameter.dim() == 2]
@@ -178,11 +199,16 @@ def gemm_epoch(net: nn.Module, batch_size: int, train_images: torch.Tensor,
             for x in test_images.split(EVALUATE_BATCH):
                 for weight in forward:
                     x = x @ weight
+
     return epoch
 
 
-def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: torch.device,
-            report: Callable[[str], None] = print) -> tuple[dict[str, list[float]], dict[str, float]]:
+def measure(
+    epochs: dict[str, Callable[[], float | None]],
+    rounds: int,
+    device: torch.device,
+    report: Callable[[str], None] = print,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each round runs every pipeline's epoch once; returns the seconds per round and the last accuracies."""
     seconds = {name: [] for name in epochs}
     accuracy = {}
@@ -194,24 +220,33 @@ def measure(epochs: dict[str, Callable[[], float | None]], rounds: int, device: 
             seconds[name].append(elapsed)
             if result is not None:
                 accuracy[name] = result
-        report(f"epoch {index + 1:2d}/{rounds}{' (warm-up)' if index == 0 else ''}: "
-               + "  ".join(f"{name} {seconds[name][-1]:.3f} s" for name in epochs))
+        report(
+            f"epoch {index + 1:2d}/{rounds}{' (warm-up)' if index == 0 else ''}: "
+            + "  ".join(f"{name} {seconds[name][-1]:.3f} s" for name in epochs)
+        )
     return seconds, accuracy
 
 
 def summarize(seconds: dict[str, list[float]]) -> dict:
     """Medians after the warm-up round and the ratios taken from them."""
     median = {name: statistics.median(values[1:] or values) for name, values in seconds.items()}
-    return {"epoch_s": _digits(median["ours"]), "gemm_bound_s": _digits(median["gemm"]),
-            "d2l_epoch_s": _digits(median["d2l"]), "ratio_vs_gemm": _digits(median["ours"] / median["gemm"]),
-            "speedup_vs_d2l": _digits(median["d2l"] / median["ours"]), "floor_epoch_s": _digits(median["floor"]),
-            "ratio_floor": _digits((median["gemm"] + median["floor"]) / median["gemm"]),
-            "epochs": len(seconds["ours"]), "measured_epochs": len(seconds["ours"][1:] or seconds["ours"]),
-            "seconds": {name: [_digits(value) for value in values] for name, values in seconds.items()}}
+    return {
+        "epoch_s": _digits(median["ours"]),
+        "gemm_bound_s": _digits(median["gemm"]),
+        "d2l_epoch_s": _digits(median["d2l"]),
+        "ratio_vs_gemm": _digits(median["ours"] / median["gemm"]),
+        "speedup_vs_d2l": _digits(median["d2l"] / median["ours"]),
+        "floor_epoch_s": _digits(median["floor"]),
+        "ratio_floor": _digits((median["gemm"] + median["floor"]) / median["gemm"]),
+        "epochs": len(seconds["ours"]),
+        "measured_epochs": len(seconds["ours"][1:] or seconds["ours"]),
+        "seconds": {name: [_digits(value) for value in values] for name, values in seconds.items()},
+    }
 
 
-def accuracy_study(runs: list[dict[str, Callable[[], float]]], trained: dict[str, tuple[int, float]],
-                   seeds: list[int]) -> dict:
+def accuracy_study(
+    runs: list[dict[str, Callable[[], float]]], trained: dict[str, tuple[int, float]], seeds: list[int]
+) -> dict:
     """Train every run on, untimed, to ACCURACY_EPOCHS; `trained` holds (epochs, last accuracy) of the first
     seed's runs that the timed rounds have trained. Test accuracies per seed and their means, and ours minus
     d2l's in points, on both kinds of input."""
@@ -223,20 +258,33 @@ def accuracy_study(runs: list[dict[str, Callable[[], float]]], trained: dict[str
                 last = epoch()
             accuracy[name].append(last)
     mean = {name: statistics.fmean(values) for name, values in accuracy.items()}
-    return {"test_accuracy": _digits(mean["ours"]), "d2l_test_accuracy": _digits(mean["d2l"]),
-            "test_accuracy_d2l_inputs": _digits(mean["ours_d2l_inputs"]),
-            "accuracy_gap_points": _digits(100 * (mean["ours"] - mean["d2l"])),
-            "accuracy_gap_points_d2l_inputs": _digits(100 * (mean["ours_d2l_inputs"] - mean["d2l"])),
-            "accuracy_epochs": max(ACCURACY_EPOCHS, *(done for done, _ in trained.values())), "accuracy_seeds": seeds,
-            "accuracy": accuracy}
+    return {
+        "test_accuracy": _digits(mean["ours"]),
+        "d2l_test_accuracy": _digits(mean["d2l"]),
+        "test_accuracy_d2l_inputs": _digits(mean["ours_d2l_inputs"]),
+        "accuracy_gap_points": _digits(100 * (mean["ours"] - mean["d2l"])),
+        "accuracy_gap_points_d2l_inputs": _digits(100 * (mean["ours_d2l_inputs"] - mean["d2l"])),
+        "accuracy_epochs": max(ACCURACY_EPOCHS, *(done for done, _ in trained.values())),
+        "accuracy_seeds": seeds,
+        "accuracy": accuracy,
+    }
 
 
 def _digits(value: float) -> float:
     return float(f"{value:.5g}")
 
 
-def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir: Path, device_name: str,
-        epochs: int, workers: int = D2L_WORKERS, report: Callable[[str], None] = print, seeds: int = 1) -> dict:
+def run(
+    params: config.TrainParams,
+    normalize: bool,
+    raw_dir: Path,
+    prepared_dir: Path,
+    device_name: str,
+    epochs: int,
+    workers: int = D2L_WORKERS,
+    report: Callable[[str], None] = print,
+    seeds: int = 1,
+) -> dict:
     """Time `epochs` interleaved epochs of the four pipelines, then compare accuracies; the JSON line's figures."""
     device = train.resolve_device(device_name)
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure; our own runs add to it later
@@ -252,25 +300,46 @@ def run(params: config.TrainParams, normalize: bool, raw_dir: Path, prepared_dir
         width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
         floor, _ = our_epoch(width_one, device, train_data, test_data, first_seed)
         root = torchvision_root(raw_dir, temp)
-        pipelines = {"d2l": d2l_epoch(root, device, workers, first_seed), "ours": ours,
-                     "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]), "floor": floor}
+        pipelines = {
+            "d2l": d2l_epoch(root, device, workers, first_seed),
+            "ours": ours,
+            "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]),
+            "floor": floor,
+        }
         seconds, last_accuracy = measure(pipelines, epochs, device, report)
         # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
         # (pixels / 255, as ToTensor gives), which tells the code's accuracy apart from what our
         # normalization adds; `seeds` > 1 repeats all three from scratch with the next seeds.
         pixels = [_on(device, prepare.read_raw_split(raw_dir, split)) for split in SPLITS]
         seed_list = [first_seed + offset for offset in range(seeds)]
-        runs = [{"d2l": pipelines["d2l"], "ours": ours,
-                 "ours_d2l_inputs": our_epoch(params, device, *pixels, first_seed)[0]}]
+        runs = [
+            {
+                "d2l": pipelines["d2l"],
+                "ours": ours,
+                "ours_d2l_inputs": our_epoch(params, device, *pixels, first_seed)[0],
+            }
+        ]
         for seed in seed_list[1:]:
-            runs.append({"d2l": d2l_epoch(root, device, workers, seed),
-                         "ours": our_epoch(params, device, train_data, test_data, seed)[0],
-                         "ours_d2l_inputs": our_epoch(params, device, *pixels, seed)[0]})
+            runs.append(
+                {
+                    "d2l": d2l_epoch(root, device, workers, seed),
+                    "ours": our_epoch(params, device, train_data, test_data, seed)[0],
+                    "ours_d2l_inputs": our_epoch(params, device, *pixels, seed)[0],
+                }
+            )
         report(f"accuracy after {max(ACCURACY_EPOCHS, epochs)} epochs, seeds {seed_list} (untimed)")
         accuracy = accuracy_study(runs, {name: (epochs, last_accuracy[name]) for name in ("d2l", "ours")}, seed_list)
-    return {**summarize(seconds), **accuracy, "device": str(device), "device_name": device_description(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "d2l_workers": workers, "data": source,
-            "load_average_at_start": load_at_start}
+    return {
+        **summarize(seconds),
+        **accuracy,
+        "device": str(device),
+        "device_name": device_description(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "d2l_workers": workers,
+        "data": source,
+        "load_average_at_start": load_at_start,
+    }
 
 
 def _on(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -281,28 +350,41 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
     return names[0] if names else platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:
     seconds = result["seconds"]
-    rows = [("d2l: DataLoader + ToTensor", "d2l", result["d2l_epoch_s"]),
-            ("ours: train_epoch + evaluate", "ours", result["epoch_s"]),
-            ("GEMMs only", "gemm", result["gemm_bound_s"]),
-            ("ours at hidden width 1", "floor", result["floor_epoch_s"])]
+    rows = [
+        ("d2l: DataLoader + ToTensor", "d2l", result["d2l_epoch_s"]),
+        ("ours: train_epoch + evaluate", "ours", result["epoch_s"]),
+        ("GEMMs only", "gemm", result["gemm_bound_s"]),
+        ("ours at hidden width 1", "floor", result["floor_epoch_s"]),
+    ]
     lines = [f"{'one epoch (train + test)':30s} {'median s':>9s} {'min s':>8s}"]
-    lines += [f"{label:30s} {median:9.3f} {min(seconds[name][1:] or seconds[name]):8.3f}" for label, name, median in rows]
-    lines.append(f"ours / GEMMs {result['ratio_vs_gemm']:.2f}x (GEMMs + width-1 floor: {result['ratio_floor']:.2f}x), "
-                 f"d2l / ours {result['speedup_vs_d2l']:.1f}x: medians of {result['measured_epochs']} epochs after a "
-                 f"warm-up")
-    lines.append(f"test accuracy after {result['accuracy_epochs']} epochs, mean of seeds {result['accuracy_seeds']}: "
-                 f"ours {result['test_accuracy']:.4f}, d2l {result['d2l_test_accuracy']:.4f} "
-                 f"({result['accuracy_gap_points']:+.2f} points); ours on d2l's unnormalized inputs "
-                 f"{result['test_accuracy_d2l_inputs']:.4f} ({result['accuracy_gap_points_d2l_inputs']:+.2f} points)")
-    lines.append(f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}, "
-                 f"data {result['data']}, load average at start {result['load_average_at_start']:.2f}")
+    lines += [
+        f"{label:30s} {median:9.3f} {min(seconds[name][1:] or seconds[name]):8.3f}" for label, name, median in rows
+    ]
+    lines.append(
+        f"ours / GEMMs {result['ratio_vs_gemm']:.2f}x (GEMMs + width-1 floor: {result['ratio_floor']:.2f}x), "
+        f"d2l / ours {result['speedup_vs_d2l']:.1f}x: medians of {result['measured_epochs']} epochs after a "
+        f"warm-up"
+    )
+    lines.append(
+        f"test accuracy after {result['accuracy_epochs']} epochs, mean of seeds {result['accuracy_seeds']}: "
+        f"ours {result['test_accuracy']:.4f}, d2l {result['d2l_test_accuracy']:.4f} "
+        f"({result['accuracy_gap_points']:+.2f} points); ours on d2l's unnormalized inputs "
+        f"{result['test_accuracy_d2l_inputs']:.4f} ({result['accuracy_gap_points_d2l_inputs']:+.2f} points)"
+    )
+    lines.append(
+        f"{result['device']} ({result['device_name']}), {result['threads']} threads, torch {result['torch']}, "
+        f"data {result['data']}, load average at start {result['load_average_at_start']:.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -314,18 +396,34 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=config.DEFAULT_PARAMS)
     parser.add_argument("--variant", default="d2l", help="the params.yaml variant whose training epoch is timed")
     parser.add_argument("--raw", type=Path, default=Path("data/raw/fashion_mnist"), help="the four IDX files")
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared/fashion_mnist"),
-                        help="train.pt and test.pt; made from --raw when absent")
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("data/prepared/fashion_mnist"),
+        help="train.pt and test.pt; made from --raw when absent",
+    )
     parser.add_argument("--workers", type=int, default=D2L_WORKERS, help="DataLoader workers of the d2l pipeline")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help=f"seeds whose accuracy after {ACCURACY_EPOCHS} epochs is averaged (each costs "
-                             f"{ACCURACY_EPOCHS} more epochs of d2l's pipeline)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help=f"seeds whose accuracy after {ACCURACY_EPOCHS} epochs is averaged (each costs "
+        f"{ACCURACY_EPOCHS} more epochs of d2l's pipeline)",
+    )
     args = parser.parse_args()
     if args.seeds < 1:
         raise PipelineError(f"--seeds: got {args.seeds}, expected 1 or more")
     params = config.load(args.params)
-    result = run(params.variant(args.variant), params.prepare.normalize, args.raw, args.prepared, args.device,
-                 EPOCHS["quick" if args.quick else "full"], args.workers, seeds=args.seeds)
+    result = run(
+        params.variant(args.variant),
+        params.prepare.normalize,
+        args.raw,
+        args.prepared,
+        args.device,
+        EPOCHS["quick" if args.quick else "full"],
+        args.workers,
+        seeds=args.seeds,
+    )
     print(table(result))
     print(json.dumps(result), flush=True)
 

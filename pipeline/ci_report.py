@@ -4,6 +4,7 @@ Params and metrics diffs come from DVC itself (`dvc params diff`, `dvc metrics d
 champion and gates from the compare stage's outputs. Exits 1 when no variant passes its gates (no
 champion) or a variant diverged that did not diverge at the base, unless --no-fail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,15 @@ def champion_line(summary: dict) -> str:
     registered = summary.get("registered")
     if not registered:
         return "Champion: **none**"
-    return (f"Champion: **{summary['champion']}** (registered as `{registered['name']}` version {registered['version']}, "
-            f"seed {registered['seed']}, alias `{registered['alias']}`: {registered['why']})")
+    return (
+        f"Champion: **{summary['champion']}** (registered as `{registered['name']}` version {registered['version']}, "
+        f"seed {registered['seed']}, alias `{registered['alias']}`: {registered['why']})"
+    )
 
 
-def build(params: config.Params, base: str, results: Path, summary_path: Path, report_path: Path,
-          curves: Path) -> tuple[str, list[str]]:
+def build(
+    params: config.Params, base: str, results: Path, summary_path: Path, report_path: Path, curves: Path
+) -> tuple[str, list[str]]:
     """The Markdown report and the list of reasons it fails (empty when it passes)."""
     summary = read_json(summary_path)
     problems = []
@@ -68,14 +72,34 @@ def build(params: config.Params, base: str, results: Path, summary_path: Path, r
     problems += [f"variant {name} diverged (it did not at {base})" for name in new_divergences(params, results, base)]
     blocks = report_path.read_text().split("\n\n") if report_path.exists() else []
     table = next((block for block in blocks if block.startswith("|")), "(no comparison table)")
-    lines = [f"# Retraining report (against `{base}`)", "",
-             "## Verdict", "", "**FAIL**: " + "; ".join(problems) if problems else "**PASS**", "",
-             "## Params changed", "", dvc("params", "diff", base, "--md") or "No params changed.", "",
-             "## Metrics changed", "", dvc("metrics", "diff", base, "--md") or "No metrics changed.", "",
-             "## Variants", "", table, "",
-             champion_line(summary), "",
-             f"Curves: `{curves}`; per-variant confusion matrices: `{results}/<variant>/confusion.png`.", "",
-             "## MLflow runs", "", "| variant | run id |", "|---|---|"]
+    lines = [
+        f"# Retraining report (against `{base}`)",
+        "",
+        "## Verdict",
+        "",
+        "**FAIL**: " + "; ".join(problems) if problems else "**PASS**",
+        "",
+        "## Params changed",
+        "",
+        dvc("params", "diff", base, "--md") or "No params changed.",
+        "",
+        "## Metrics changed",
+        "",
+        dvc("metrics", "diff", base, "--md") or "No metrics changed.",
+        "",
+        "## Variants",
+        "",
+        table,
+        "",
+        champion_line(summary),
+        "",
+        f"Curves: `{curves}`; per-variant confusion matrices: `{results}/<variant>/confusion.png`.",
+        "",
+        "## MLflow runs",
+        "",
+        "| variant | run id |",
+        "|---|---|",
+    ]
     for name in summary["variants"]:
         lines.append(f"| {name} | `{read_json(results / name / 'train.json')['mlflow_run_id']}` |")
     lines += [f"| compare | `{summary.get('mlflow_run_id')}` |", ""]

@@ -1,13 +1,15 @@
 """What every stage's main() shares: its command line, and an entry wrapper that turns errors and signals into exits."""
+
 from __future__ import annotations
 
 import argparse
 import functools
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from pipeline.errors import PipelineError
 

@@ -4,6 +4,7 @@ A bad key or value stops a stage with one line naming it: `<key path>: got <valu
 (params_file.py reads and checks; here are the pipeline's sections and the checks across them: dataset
 sizes, the validation split, memory). Lessons own their params files and types.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,23 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from pipeline import datasets
-from pipeline.params_file import (Activation, Count, Flag, Fraction, NonNegativeInteger, ParamsError, PositiveNumber,
-                                  Seed, Seeds, Text, VariantName, params_class, load_section, read_yaml, validate)
+from pipeline.params_file import (
+    Activation,
+    Count,
+    Flag,
+    Fraction,
+    NonNegativeInteger,
+    ParamsError,
+    PositiveNumber,
+    Seed,
+    Seeds,
+    Text,
+    VariantName,
+    load_section,
+    params_class,
+    read_yaml,
+    validate,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 __all__ = ["ParamsError", "load", "load_section", "Params", "TrainParams"]
@@ -126,19 +142,23 @@ def _check_data(data: DataParams) -> None:
             if getattr(data, key):
                 raise ParamsError(f"data.{key}: {data.dataset} has {what} pinned in code; expected no data.{key}")
     elif set(data.sha256) != set(datasets.FILE_KINDS):
-        raise ParamsError(f"data.dataset: got {data.dataset!r}, expected one of {sorted(datasets.BUILT_IN)} "
-                          f"or data.sha256 pinning all of {list(datasets.FILE_KINDS)}")
+        raise ParamsError(
+            f"data.dataset: got {data.dataset!r}, expected one of {sorted(datasets.BUILT_IN)} "
+            f"or data.sha256 pinning all of {list(datasets.FILE_KINDS)}"
+        )
 
 
 def _check_validation(prepare: PrepareParams, spec: datasets.DatasetSpec) -> None:
     """The held-out images must leave a train split and give every class at least one image."""
     held_out, train_count = prepare.validation, (spec.counts or {}).get("train")
     if 0 < held_out < spec.classes:
-        raise ParamsError(f"prepare.validation: got {held_out}, expected 0 or at least {spec.classes} "
-                          "(one image per class)")
+        raise ParamsError(
+            f"prepare.validation: got {held_out}, expected 0 or at least {spec.classes} (one image per class)"
+        )
     if train_count is not None and held_out >= train_count:  # without counts, prepare checks it on the data
-        raise ParamsError(f"prepare.validation: got {held_out}, expected fewer than the {train_count} train images "
-                          f"of {spec.name}")
+        raise ParamsError(
+            f"prepare.validation: got {held_out}, expected fewer than the {train_count} train images of {spec.name}"
+        )
 
 
 # Optimizer state per parameter, in parameter-sized tensors (torch.optim without momentum).
@@ -171,6 +191,8 @@ def _check_memory(key: str, train: TrainParams, classes: int) -> None:
     if available is None or weights + batch <= available:
         return
     culprit, value = ("hidden", list(train.hidden)) if weights >= batch else ("batch_size", train.batch_size)
-    raise ParamsError(f"{key}.{culprit}: got {value}, expected a model that fits in memory: training needs about "
-                      f"{(weights + batch) / 1e9:.1f} GB (parameters, gradients, optimizer state, one batch), "
-                      f"this machine has {available / 1e9:.1f} GB")
+    raise ParamsError(
+        f"{key}.{culprit}: got {value}, expected a model that fits in memory: training needs about "
+        f"{(weights + batch) / 1e9:.1f} GB (parameters, gradients, optimizer state, one batch), "
+        f"this machine has {available / 1e9:.1f} GB"
+    )

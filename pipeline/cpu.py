@@ -1,11 +1,13 @@
 """CPU threads shared fairly between trainings running at once (dvc queue start -j N, or two shells)."""
+
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 SLOTS_DIR = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"d2l-mlp-train-slots-{os.getuid()}"
 

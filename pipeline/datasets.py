@@ -1,4 +1,5 @@
 """The IDX datasets we know: file names, pinned hashes of the decompressed files, and sources."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -59,13 +60,24 @@ BUILT_IN = {
 }
 
 CLASS_NAMES = {
-    "fashion_mnist": ("t-shirt", "trouser", "pullover", "dress", "coat",
-                      "sandal", "shirt", "sneaker", "bag", "ankle boot"),
+    "fashion_mnist": (
+        "t-shirt",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
+    ),
 }
 
 
-def resolve(name: str, sources: tuple[str, ...], sha256: Mapping[str, str],
-            counts: Mapping[str, int] | None = None) -> DatasetSpec:
+def resolve(
+    name: str, sources: tuple[str, ...], sha256: Mapping[str, str], counts: Mapping[str, int] | None = None
+) -> DatasetSpec:
     """The spec for `name`; params' sources (when given) replace the built-in ones."""
     if name in BUILT_IN:
         spec = BUILT_IN[name]

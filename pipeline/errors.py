@@ -1,4 +1,5 @@
 """The one exception type for problems the user can fix; every stage prints it as one line (see cli.py)."""
+
 from __future__ import annotations
 
 

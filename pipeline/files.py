@@ -1,13 +1,15 @@
-"""Atomic writes: a temp file (or directory) beside the target, then a rename, so a killed stage leaves nothing half-written."""
+"""Atomic writes: a temp file or directory beside the target, then a rename; a killed stage leaves no half-file."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.errors import PipelineError
 

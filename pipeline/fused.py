@@ -7,12 +7,12 @@ computes its gradient, W.addmm_(X.T, dZ, alpha=-lr/n), so no gradient tensor is 
 autograd's and torch.optim.SGD's; tests/test_train.py checks it against a plain reference loop.
 Any other case (the scratch form, Adam, other activations or losses) takes the autograd loop in train.py.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 Layer = tuple[torch.Tensor, torch.Tensor]  # (weight as [in, out], bias), detached views of the parameters
 _relu_backward = torch.ops.aten.threshold_backward  # what autograd runs for ReLU: grad where output > 0, else 0
@@ -36,8 +36,9 @@ def applies(impl: str, activation: str, optimizer: str, loss: str) -> bool:
 
 
 @torch.no_grad()
-def sgd_epoch(model: nn.Module, lr: float, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sgd_epoch(
+    model: nn.Module, lr: float, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass in random order (the same order as train.train_epoch); per-step summed losses and correct count."""
     layers = relu_layers(model)
     order = torch.randperm(len(labels), device=images.device, generator=generator)
@@ -47,8 +48,12 @@ def sgd_epoch(model: nn.Module, lr: float, images: torch.Tensor, labels: torch.T
     predictions = torch.empty_like(shuffled_labels)
     ones = images.new_ones(batch_size)
     for batch, target, label, true_log_probability, predicted in zip(
-            order.split(batch_size), targets.split(batch_size), shuffled_labels.unsqueeze(1).split(batch_size),
-            true_log_probabilities.split(batch_size), predictions.split(batch_size)):
+        order.split(batch_size),
+        targets.split(batch_size),
+        shuffled_labels.unsqueeze(1).split(batch_size),
+        true_log_probabilities.split(batch_size),
+        predictions.split(batch_size),
+    ):
         inputs = [images.index_select(0, batch)]  # each layer's input, kept for its weight gradient
         for weight, bias in layers[:-1]:
             inputs.append(torch.addmm(bias, inputs[-1], weight).relu_())
@@ -57,7 +62,7 @@ def sgd_epoch(model: nn.Module, lr: float, images: torch.Tensor, labels: torch.T
         log_probabilities = torch.log_softmax(logits, 1)
         torch.gather(log_probabilities, 1, label, out=true_log_probability)
         grad = log_probabilities.exp_().sub_(target)  # n * dLoss/dlogits: softmax minus one-hot
-        step(layers, inputs, grad, -lr / len(batch), ones[:len(batch)])
+        step(layers, inputs, grad, -lr / len(batch), ones[: len(batch)])
     return -step_sums(true_log_probabilities.squeeze(1), batch_size), (predictions == shuffled_labels).sum()
 
 
@@ -68,8 +73,7 @@ def step_sums(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([sums, values[full:].sum(0, keepdim=True)]) if full < len(values) else sums
 
 
-def step(layers: list[Layer], inputs: list[torch.Tensor], grad: torch.Tensor, alpha: float,
-         ones: torch.Tensor) -> None:
+def step(layers: list[Layer], inputs: list[torch.Tensor], grad: torch.Tensor, alpha: float, ones: torch.Tensor) -> None:
     """Backpropagate `grad` (n * dLoss/dlogits) and update each layer in place: W += alpha * dW, alpha = -lr / n."""
     for layer in reversed(range(len(layers))):
         weight, bias = layers[layer]

@@ -1,4 +1,5 @@
 """IDX files (the MNIST format): header checks that also run under `python -O`, and decoding to tensors."""
+
 from __future__ import annotations
 
 import os
@@ -67,7 +68,7 @@ def check(data: bytes, name: str, kind: str, count: int | None, classes: int) ->
     if kind.endswith("labels"):
         if len(header.dims) != 1:
             raise IdxError(f"{name}: dimensions {header.dims}, expected (N,) labels")
-        largest = max(data[header.offset:], default=0)
+        largest = max(data[header.offset :], default=0)
         if largest >= classes:
             raise IdxError(f"{name}: label {largest} out of range, expected 0..{classes - 1}")
     if count is not None and header.dims[0] != count:
@@ -124,7 +125,7 @@ def read(path: Path, max_bytes: int = DEFAULT_MAX_BYTES):
 
     data = decompress(read_capped(path, archive_cap(max_bytes)), str(path), max_bytes)
     header = parse_header(data, str(path))
-    flat = torch.frombuffer(bytearray(data[header.offset:]), dtype=torch.uint8)
+    flat = torch.frombuffer(bytearray(data[header.offset :]), dtype=torch.uint8)
     return flat.reshape(header.dims)
 
 

@@ -1,4 +1,5 @@
 """d2l's multilayer perceptron in its two forms: from scratch (W1, b1, W2, b2) and as nn.Sequential."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,8 +67,9 @@ def module_mlp(hidden: tuple[int, ...], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def build(impl: str, hidden: tuple[int, ...], activation: str, init_std: float,
-          generator: torch.Generator | None = None) -> nn.Module:
+def build(
+    impl: str, hidden: tuple[int, ...], activation: str, init_std: float, generator: torch.Generator | None = None
+) -> nn.Module:
     """The MLP with weights ~ N(0, init_std^2) and zero biases, drawn from `generator`."""
     model = ScratchMLP(hidden, activation) if impl == "scratch" else module_mlp(hidden, activation)
     with torch.no_grad():
@@ -114,8 +116,10 @@ def _empty_model(path: Path, architecture: object) -> nn.Module:
     try:
         return build(architecture["impl"], tuple(architecture["hidden"]), architecture["activation"], 1.0)
     except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"{path}: got {architecture!r:.200}, expected the keys impl, hidden and activation "
-                            f"(one of {', '.join(SCRATCH_ACTIVATIONS)})") from None
+        raise PipelineError(
+            f"{path}: got {architecture!r:.200}, expected the keys impl, hidden and activation "
+            f"(one of {', '.join(SCRATCH_ACTIVATIONS)})"
+        ) from None
 
 
 def _mismatch(error: BaseException) -> str:

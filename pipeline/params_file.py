@@ -4,6 +4,7 @@ Shared by the pipeline's params (config.py) and each lesson's own params file. P
 unknown or missing keys; the code here does what it cannot: keys given twice (PyYAML silently keeps the last)
 and turning pydantic's first error into `<key path>: got <value>, expected <what>`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,12 +48,21 @@ NonNegativeInteger = Annotated[Integer, Field(ge=0, description="an integer >= 0
 PositiveNumber = Annotated[Number, Field(gt=0, description="a number > 0")]
 NonNegativeNumber = Annotated[Number, Field(ge=0, description="a number >= 0")]
 Fraction = Annotated[Number, Field(ge=0, le=1, description="a number between 0 and 1")]
-Seeds = Annotated[tuple[Seed, ...], Field(min_length=1), AfterValidator(distinct),
-                  Field(description="a non-empty list of distinct integers >= 0 and < 2**63")]
+Seeds = Annotated[
+    tuple[Seed, ...],
+    Field(min_length=1),
+    AfterValidator(distinct),
+    Field(description="a non-empty list of distinct integers >= 0 and < 2**63"),
+]
 # DVC writes train@<name> and a shell passes --variant <name>: no spaces, '@', '/', ':' or '.'.
-VariantName = Annotated[str, Strict(), Field(
-    pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-    description="a name of letters, digits, '_' or '-' that starts with a letter or digit")]
+VariantName = Annotated[
+    str,
+    Strict(),
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="a name of letters, digits, '_' or '-' that starts with a letter or digit",
+    ),
+]
 Activation = Literal["relu", "sigmoid", "tanh", "leaky_relu"]
 
 params_class = functools.partial(dataclass, frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
@@ -83,8 +93,9 @@ class _ParamsLoader(yaml.SafeLoader):
 
 
 # YAML 1.2 reads 1e-3 as a number; PyYAML (YAML 1.1) reads it as a string unless it has a dot and a signed exponent.
-_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                                    list("-+.0123456789"))
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
 
 
 def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
@@ -102,8 +113,10 @@ def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
         key, line = str(key_node.value), key_node.start_mark.line + 1
         key_path = f"{path}.{key}" if path else key
         if key in lines:
-            raise ParamsError(f"{key_path}: got a second {key!r} at line {line} (the first is at line {lines[key]}), "
-                              "expected each key once")
+            raise ParamsError(
+                f"{key_path}: got a second {key!r} at line {line} (the first is at line {lines[key]}), "
+                "expected each key once"
+            )
         lines[key] = line
         _check_unique_keys(value_node, key_path, seen)
 
@@ -153,7 +166,7 @@ def _annotation_at(model: Any, loc: tuple) -> Any:
             annotation = typing.get_type_hints(base, include_extras=True).get(part, Any)
         elif typing.get_origin(base) is dict:
             key_type, value_type = typing.get_args(base)
-            annotation = key_type if loc[position + 1: position + 2] == ("[key]",) else value_type
+            annotation = key_type if loc[position + 1 : position + 2] == ("[key]",) else value_type
         elif typing.get_origin(base) is tuple:
             annotation = typing.get_args(base)[0]
     return annotation
@@ -177,8 +190,9 @@ def _expected(error: dict, annotation: Any) -> str:
         return "a finite number"
     if error["type"] == "less_than" and error["ctx"]["lt"] == INT64_END:
         return "an integer < 2**63 (int64)"
-    descriptions = [item.description for item in typing.get_args(annotation)[1:]
-                    if isinstance(item, FieldInfo) and item.description]
+    descriptions = [
+        item.description for item in typing.get_args(annotation)[1:] if isinstance(item, FieldInfo) and item.description
+    ]
     if descriptions:
         return descriptions[-1]
     base = _bare(annotation)
@@ -187,4 +201,5 @@ def _expected(error: dict, annotation: Any) -> str:
     if typing.get_origin(base) is tuple:
         return "a list"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}.get(
-        base, "a mapping of keys to values")
+        base, "a mapping of keys to values"
+    )

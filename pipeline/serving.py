@@ -5,6 +5,7 @@ the format of models/<variant>/model.pt, and the train split's mean and std, the
 names are its config. So `mlflow.pyfunc.load_model("models:/d2l-mlp@champion")` and `mlflow models serve`
 take uint8 images (N, 28, 28) and answer classes and probabilities; see docs/serving.md.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -29,8 +30,9 @@ IMAGE_SHAPE = (28, 28)
 OUTPUT_COLUMNS = ("class_index", "class_name", "probabilities")
 
 
-def log_model(model: nn.Module, architecture: dict, mean: float, std: float, class_names: tuple[str, ...],
-              name: str = "model") -> ModelInfo:
+def log_model(
+    model: nn.Module, architecture: dict, mean: float, std: float, class_names: tuple[str, ...], name: str = "model"
+) -> ModelInfo:
     """Log `model` to the active run as a pyfunc that takes raw uint8 images and normalizes them itself."""
     import mlflow.pyfunc
 
@@ -38,8 +40,9 @@ def log_model(model: nn.Module, architecture: dict, mean: float, std: float, cla
         return mlflow.pyfunc.log_model(name=name, **arguments)
 
 
-def save_model(model: nn.Module, architecture: dict, mean: float, std: float, class_names: tuple[str, ...],
-               path: Path) -> None:
+def save_model(
+    model: nn.Module, architecture: dict, mean: float, std: float, class_names: tuple[str, ...], path: Path
+) -> None:
     """The same model as a local directory, with no tracking store: `mlflow models serve -m <path>` serves it."""
     import mlflow.pyfunc
 
@@ -48,20 +51,31 @@ def save_model(model: nn.Module, architecture: dict, mean: float, std: float, cl
 
 
 @contextmanager
-def _model_arguments(model: nn.Module, architecture: dict, mean: float, std: float,
-                     class_names: tuple[str, ...]) -> Iterator[dict]:
+def _model_arguments(
+    model: nn.Module, architecture: dict, mean: float, std: float, class_names: tuple[str, ...]
+) -> Iterator[dict]:
     """What MLflow is given: the code, the weights (a file that lasts as long as the block), config, signature."""
     if architecture.get("diverged"):
         raise PipelineError("refusing to log a model whose training diverged")
     if not std > 0:
         raise PipelineError(f"the pixels' std must be > 0, got {std} (with normalize off, mean 0 and std 1)")
-    config = {"architecture": {key: architecture[key] for key in ("impl", "hidden", "activation")},
-              "mean": float(mean), "std": float(std), "class_names": list(class_names)}
+    config = {
+        "architecture": {key: architecture[key] for key in ("impl", "hidden", "activation")},
+        "mean": float(mean),
+        "std": float(std),
+        "class_names": list(class_names),
+    }
     with tempfile.TemporaryDirectory() as temp:
         weights = Path(temp) / "model.pt"
         mlp.save(model, weights, architecture)  # the state dict file DVC tracks as models/<variant>/model.pt
-        yield {"python_model": str(MODEL_CODE), "artifacts": {"weights": str(weights)}, "model_config": config,
-               "signature": signature(), "input_example": example_images(), "pip_requirements": requirements()}
+        yield {
+            "python_model": str(MODEL_CODE),
+            "artifacts": {"weights": str(weights)},
+            "model_config": config,
+            "signature": signature(),
+            "input_example": example_images(),
+            "pip_requirements": requirements(),
+        }
 
 
 def signature() -> ModelSignature:
@@ -71,8 +85,13 @@ def signature() -> ModelSignature:
     from mlflow.types.schema import Array
 
     inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))])
-    outputs = Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name"),
-                      ColSpec(Array(DataType.double), "probabilities")])
+    outputs = Schema(
+        [
+            ColSpec(DataType.long, "class_index"),
+            ColSpec(DataType.string, "class_name"),
+            ColSpec(Array(DataType.double), "probabilities"),
+        ]
+    )
     return ModelSignature(inputs, outputs)
 
 
@@ -89,5 +108,9 @@ def requirements() -> list[str]:
     import mlflow
     import pandas
 
-    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"numpy=={np.__version__}", f"pandas=={pandas.__version__}"]
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pandas.__version__}",
+    ]

@@ -6,6 +6,7 @@ index, its name and the ten probabilities. Nothing is unpickled: the weights are
 `torch.load(weights_only=True)`. It imports only torch, numpy, pandas and mlflow, so the model loads where
 this project is not installed.
 """
+
 from __future__ import annotations
 
 import mlflow
@@ -18,8 +19,12 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 SIDE = 28
 PIXELS = SIDE * SIDE
 MIN_BRIGHTEST = 16
-ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-               "leaky_relu": torch.nn.functional.leaky_relu}
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+}
 
 
 def invalid(message: str) -> MlflowException:
@@ -32,11 +37,14 @@ def check_images(images: object) -> np.ndarray:
     if not isinstance(images, np.ndarray):
         raise invalid(f"expected a numpy array of images, got {type(images).__name__}")
     if images.dtype.kind not in "ui":
-        raise invalid(f"expected integer pixels 0-255 (uint8, as the dataset stores them), got dtype {images.dtype}; "
-                      "do not scale or normalize them, the model does that")
+        raise invalid(
+            f"expected integer pixels 0-255 (uint8, as the dataset stores them), got dtype {images.dtype}; "
+            "do not scale or normalize them, the model does that"
+        )
     if not (images.shape[1:] == (SIDE, SIDE) or images.shape[1:] == (PIXELS,)) or len(images) == 0:
-        raise invalid(f"expected images of shape (N, {SIDE}, {SIDE}) or (N, {PIXELS}) with N >= 1, "
-                      f"got {tuple(images.shape)}")
+        raise invalid(
+            f"expected images of shape (N, {SIDE}, {SIDE}) or (N, {PIXELS}) with N >= 1, got {tuple(images.shape)}"
+        )
     flat = images.reshape(len(images), PIXELS)
     if flat.min() < 0 or flat.max() > 255:
         raise invalid(f"pixel values must be 0-255, got {flat.min()} to {flat.max()}")
@@ -44,8 +52,10 @@ def check_images(images: object) -> np.ndarray:
     # sent as JSON floats are cast to uint8 by MLflow before we see them, so they arrive as 0, 1 and 2.
     dim = np.flatnonzero(flat.max(axis=1) < MIN_BRIGHTEST)
     if len(dim):
-        raise invalid(f"image {dim[0]}: its brightest pixel is {flat[dim[0]].max()} of 255, so it is blank or was "
-                      "scaled or normalized before sending; send raw 0-255 pixels")
+        raise invalid(
+            f"image {dim[0]}: its brightest pixel is {flat[dim[0]].max()} of 255, so it is blank or was "
+            "scaled or normalized before sending; send raw 0-255 pixels"
+        )
     return flat
 
 
@@ -80,12 +90,18 @@ class FashionClassifier(PythonModel):
                 x = self.activation(x)
         return x
 
-    def predict(self, context: PythonModelContext | None, model_input: np.ndarray, params: dict | None = None
-                ) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext | None, model_input: np.ndarray, params: dict | None = None
+    ) -> pd.DataFrame:
         logits = self.logits(check_images(model_input))
         indices = logits.argmax(1).tolist()
-        return pd.DataFrame({"class_index": indices, "class_name": [self.class_names[i] for i in indices],
-                             "probabilities": torch.softmax(logits, 1).tolist()})
+        return pd.DataFrame(
+            {
+                "class_index": indices,
+                "class_name": [self.class_names[i] for i in indices],
+                "probabilities": torch.softmax(logits, 1).tolist(),
+            }
+        )
 
 
 mlflow.models.set_model(FashionClassifier())

@@ -1,4 +1,5 @@
 """The few statistics the comparison needs: mean and spread over seeds, and Student-t 95% intervals."""
+
 from __future__ import annotations
 
 import math
@@ -31,6 +32,9 @@ def paired_difference(first: dict[str, float], second: dict[str, float]) -> dict
     seeds = sorted(set(first) & set(second))
     differences = [first[seed] - second[seed] for seed in seeds]
     interval = t_interval(differences)
-    return {"seeds": seeds, "mean": statistics.fmean(differences) if differences else None,
-            "interval": list(interval) if interval else None,
-            "beyond_noise": interval is not None and (interval[0] > 0 or interval[1] < 0)}
+    return {
+        "seeds": seeds,
+        "mean": statistics.fmean(differences) if differences else None,
+        "interval": list(interval) if interval else None,
+        "beyond_noise": interval is not None and (interval[0] > 0 or interval[1] < 0),
+    }

@@ -7,6 +7,7 @@
 Every stage backs the store up (SQLite's online backup API) before MLflow opens it, when the newest backup is
 older than BACKUP_EVERY, so each `dvc repro` starts with a backup at most that old; the last KEEP are kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,14 @@ STAMP = "%Y%m%dT%H%M%SZ"
 BUSY_TIMEOUT_S = 20  # as long as MLflow itself waits for a locked store
 # Every column that holds an artifact location, as MLflow 3's SQLAlchemy models define them
 # (mlflow/store/tracking/dbmodels/models.py, mlflow/store/model_registry/dbmodels/models.py).
-LOCATION_COLUMNS = (("experiments", "artifact_location", ""), ("runs", "artifact_uri", ""),
-                    ("logged_models", "artifact_location", ""), ("model_versions", "source", ""),
-                    ("model_versions", "storage_location", ""),
-                    ("trace_tags", "value", " AND key = 'mlflow.artifactLocation'"))
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location", ""),
+    ("runs", "artifact_uri", ""),
+    ("logged_models", "artifact_location", ""),
+    ("model_versions", "source", ""),
+    ("model_versions", "storage_location", ""),
+    ("trace_tags", "value", " AND key = 'mlflow.artifactLocation'"),
+)
 T = TypeVar("T")
 SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's companions of a database file: they move with it
 
@@ -66,8 +71,12 @@ def _old_roots(connection: sqlite3.Connection, new_root: str) -> list[str]:
     """The artifact roots of experiments that our stages created in another copy of the repo."""
     if "experiments" not in _tables(connection):
         return []  # a new store: MLflow has not made its tables yet
-    locations = {location.rstrip("/") for (location,) in connection.execute(
-        "SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file:///%'")}
+    locations = {
+        location.rstrip("/")
+        for (location,) in connection.execute(
+            "SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file:///%'"
+        )
+    }
     return sorted(root for root in locations if root.endswith("/" + ARTIFACTS) and root != new_root)
 
 
@@ -75,12 +84,15 @@ def _tables(connection: sqlite3.Connection) -> set[str]:
     return {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def _replace_prefix(connection: sqlite3.Connection, table: str, column: str, condition: str,
-                    old_root: str, new_root: str) -> None:
+def _replace_prefix(
+    connection: sqlite3.Connection, table: str, column: str, condition: str, old_root: str, new_root: str
+) -> None:
     # substr, not LIKE: paths hold '_' and '%', which LIKE reads as wildcards.
-    connection.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-                       f'WHERE ("{column}" = ? OR substr("{column}", 1, ?) = ?){condition}',
-                       (new_root, len(old_root) + 1, old_root, len(old_root) + 1, old_root + "/"))
+    connection.execute(
+        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+        f'WHERE ("{column}" = ? OR substr("{column}", 1, ?) = ?){condition}',
+        (new_root, len(old_root) + 1, old_root, len(old_root) + 1, old_root + "/"),
+    )
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """Prepared splits on disk: {"images": float32 [N, 784], "labels": int64 [N]}, checked whenever they are read."""
+
 from __future__ import annotations
 
 import pickle
@@ -26,8 +27,9 @@ def load_tensors(path: Path, expected: str) -> Any:
     except IsADirectoryError:
         raise PipelineError(f"cannot read {path}: it is a directory; expected {expected}") from None
     except pickle.UnpicklingError as error:
-        raise PipelineError(f"refusing to load {path}: not a file of plain tensors ({_unpickling_reason(error)}); "
-                            f"expected {expected}") from None
+        raise PipelineError(
+            f"refusing to load {path}: not a file of plain tensors ({_unpickling_reason(error)}); expected {expected}"
+        ) from None
     except EOFError:
         raise PipelineError(f"cannot read {path}: it is empty or cut short; expected {expected}") from None
     except Exception as error:  # noqa: BLE001 - whatever torch.load trips on, the file is not what we wrote
@@ -44,11 +46,13 @@ def load_split(path: Path, classes: int = 10) -> tuple[torch.Tensor, torch.Tenso
     _expect(path, "images", images, torch.float32, 2)
     _expect(path, "labels", labels, torch.int64, 1)
     if images.shape[1] != FEATURES or len(images) != len(labels):
-        raise PipelineError(f"{path}: images {tuple(images.shape)} and labels {tuple(labels.shape)}, "
-                            f"expected [N, {FEATURES}] and [N]")
+        raise PipelineError(
+            f"{path}: images {tuple(images.shape)} and labels {tuple(labels.shape)}, expected [N, {FEATURES}] and [N]"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-        raise PipelineError(f"{path}: labels range from {labels.min().item()} to {labels.max().item()}, "
-                            f"expected 0 to {classes - 1}")
+        raise PipelineError(
+            f"{path}: labels range from {labels.min().item()} to {labels.max().item()}, expected 0 to {classes - 1}"
+        )
     return images, labels
 
 
@@ -60,7 +64,9 @@ def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 def _expect(path: Path, key: str, value: object, dtype: torch.dtype, dims: int) -> None:
     if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != dims:
-        got = f"{value.dtype} with {value.dim()} dimensions" if isinstance(value, torch.Tensor) else type(value).__name__
+        got = (
+            f"{value.dtype} with {value.dim()} dimensions" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
         raise PipelineError(f"{path}: {key} is {got}, expected a {dims}-d {dtype} tensor")
 
 

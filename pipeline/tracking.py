@@ -1,17 +1,20 @@
 """MLflow for every stage: where runs go, how they point back at DVC (lineage), and runs that never stay RUNNING."""
+
 from __future__ import annotations
 
 import logging
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.errors import PipelineError
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-runs view, not GenAI
+CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"  # the registry aliases compare moves (promotable())
 CODE_PATHS = ("pipeline", "lessons", "params.yaml", "dvc.yaml")  # what a run's results depend on besides data
 
 
@@ -56,8 +59,13 @@ def code_dirty() -> bool:
 
 def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
     """What an MLflow run needs to find the DVC experiment, code and stage that made it."""
-    tags = {"stage": stage, "git_commit": git_commit(), "git_dirty": str(code_dirty()).lower(),
-            "host": socket.gethostname(), "pid": str(os.getpid())}
+    tags = {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "git_dirty": str(code_dirty()).lower(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+    }
     if variant:
         tags["variant"] = variant
     if os.environ.get("DVC_EXP_NAME"):
@@ -78,8 +86,7 @@ def promotable() -> tuple[bool, str]:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, variant: str | None = None,
-              run_id: str | None = None) -> Iterator[Any]:
+def stage_run(stage: str, experiment: str, variant: str | None = None, run_id: str | None = None) -> Iterator[Any]:
     """An MLflow run for one stage; ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
     A store error anywhere inside becomes one line naming the store."""
     import mlflow
@@ -94,7 +101,9 @@ def stage_run(stage: str, experiment: str, variant: str | None = None,
             experiment_id = _use_experiment(mlflow, experiment, uri)
         close_orphans(experiment_id)
         if run_id is None:
-            run = mlflow.start_run(run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant))
+            run = mlflow.start_run(
+                run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant)
+            )
         else:  # a later stage adding to the run that produced its inputs
             run = mlflow.start_run(run_id=run_id)
             mlflow.set_tags({f"{stage}_git_commit": git_commit()})
@@ -278,8 +287,10 @@ def _use_experiment(mlflow: Any, name: str, uri: str) -> str:
     """Create the experiment (artifacts beside an embedded store, tagged for the UI's training view); return its id."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
-        raise PipelineError(f"MLflow experiment {name!r} at {uri} is deleted; restore it (mlflow experiments "
-                            f"restore --experiment-id {experiment.experiment_id}) or choose another mlflow.experiment")
+        raise PipelineError(
+            f"MLflow experiment {name!r} at {uri} is deleted; restore it (mlflow experiments "
+            f"restore --experiment-id {experiment.experiment_id}) or choose another mlflow.experiment"
+        )
     if experiment is None:
         location = None
         if uri.startswith("sqlite:///"):

@@ -1,4 +1,5 @@
 """Shared test parts: small real IDX files, a temporary copy of the repo, real dvc and mlflow processes."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,7 +35,7 @@ def make_split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(count) % 10
     images = torch.randint(0, 60, (count, 28, 28), generator=generator)
     for index, label in enumerate(labels.tolist()):
-        images[index, 2 * label + 3: 2 * label + 6, 4:24] += 180
+        images[index, 2 * label + 3 : 2 * label + 6, 4:24] += 180
     return images.clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
 
 
@@ -44,10 +45,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     directory = tmp_path_factory.mktemp("tiny_idx")
     files, sha256 = {}, {}
     train, test = make_split(600, seed=1), make_split(200, seed=2)
-    for kind, name, array in [("train_images", "train-images-idx3-ubyte", train[0]),
-                              ("train_labels", "train-labels-idx1-ubyte", train[1]),
-                              ("test_images", "t10k-images-idx3-ubyte", test[0]),
-                              ("test_labels", "t10k-labels-idx1-ubyte", test[1])]:
+    for kind, name, array in [
+        ("train_images", "train-images-idx3-ubyte", train[0]),
+        ("train_labels", "train-labels-idx1-ubyte", train[1]),
+        ("test_images", "t10k-images-idx3-ubyte", test[0]),
+        ("test_labels", "t10k-labels-idx1-ubyte", test[1]),
+    ]:
         data = idx_bytes(array)
         (directory / f"{name}.gz").write_bytes(gzip.compress(data))
         files[kind], sha256[kind] = data, hashlib.sha256(data).hexdigest()
@@ -62,8 +65,9 @@ def tool_env(**extra: str) -> dict:
     return env
 
 
-def run_tool(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
+def run_tool(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -88,8 +92,11 @@ def copy_repo(destination: Path) -> Path:
 
 def commit_all(repo: Path, message: str) -> None:
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message],
-                   cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message],
+        cwd=repo,
+        check=True,
+    )
 
 
 def edit_params(repo: Path, change) -> None:
@@ -102,12 +109,14 @@ def edit_params(repo: Path, change) -> None:
 def tiny_params(tiny: dict, epochs: int = 2) -> callable:
     """Params for the tiny dataset: its own hashes, one local source, 100 validation images, two seeds,
     two short variants and one that diverges."""
+
     def change(params: dict) -> None:
         params["data"].update(dataset="tiny", sources=[str(tiny["dir"])], sha256=tiny["sha256"])
         params["prepare"].update(validation=100, seed=0)
         params["train"].pop("seed", None)
         params["train"].update(epochs=epochs, batch_size=64, device="auto", seeds=[0, 1])
         params["variants"] = {"base": {"init_std": 0.01}, "scratch": {"impl": "scratch"}, "exploding": {"lr": 1e5}}
+
     return change
 
 
@@ -125,10 +134,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     uri = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=tool_env(), start_new_session=True)
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            (root / "artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=tool_env(),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -136,7 +160,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             break
         except OSError:
             if process.poll() is not None:
-                raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
+                raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}") from None
             time.sleep(0.5)
     else:
         process.kill()

@@ -2,6 +2,7 @@
 
 Nothing here asserts a speed: timings on a shared machine are the bench's business, not a test's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,31 @@ from pipeline import config, tensors
 from pipeline.stages import prepare
 from tests.conftest import REPO, VENV_BIN, run_tool
 
-KEYS = {"epoch_s", "gemm_bound_s", "d2l_epoch_s", "ratio_vs_gemm", "speedup_vs_d2l", "device", "torch", "threads",
-        "epochs", "measured_epochs", "test_accuracy", "d2l_test_accuracy", "accuracy_gap_points", "seconds",
-        "test_accuracy_d2l_inputs", "device_name", "load_average_at_start", "floor_epoch_s", "ratio_floor",
-        "accuracy_gap_points_d2l_inputs", "accuracy_epochs", "accuracy_seeds", "accuracy"}
+KEYS = {
+    "epoch_s",
+    "gemm_bound_s",
+    "d2l_epoch_s",
+    "ratio_vs_gemm",
+    "speedup_vs_d2l",
+    "device",
+    "torch",
+    "threads",
+    "epochs",
+    "measured_epochs",
+    "test_accuracy",
+    "d2l_test_accuracy",
+    "accuracy_gap_points",
+    "seconds",
+    "test_accuracy_d2l_inputs",
+    "device_name",
+    "load_average_at_start",
+    "floor_epoch_s",
+    "ratio_floor",
+    "accuracy_gap_points_d2l_inputs",
+    "accuracy_epochs",
+    "accuracy_seeds",
+    "accuracy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +55,12 @@ def small_params(**overrides) -> config.TrainParams:
 
 
 def test_summary_takes_medians_after_the_warm_up_and_ratios_from_them():
-    seconds = {"d2l": [99.0, 30.0, 40.0, 20.0], "ours": [9.0, 2.0, 4.0, 3.0], "gemm": [9.0, 1.0, 2.0, 2.0],
-               "floor": [9.0, 1.0, 0.5, 0.4]}
+    seconds = {
+        "d2l": [99.0, 30.0, 40.0, 20.0],
+        "ours": [9.0, 2.0, 4.0, 3.0],
+        "gemm": [9.0, 1.0, 2.0, 2.0],
+        "floor": [9.0, 1.0, 0.5, 0.4],
+    }
     result = bench.summarize(seconds)
     assert (result["epoch_s"], result["gemm_bound_s"], result["d2l_epoch_s"]) == (3.0, 2.0, 30.0)
     assert result["floor_epoch_s"] == 0.5
@@ -49,16 +75,30 @@ def test_accuracy_study_trains_to_ten_epochs_and_averages_the_seeds():
         def epoch():
             calls[name] = calls.get(name, 0) + 1
             return accuracies[calls[name] - 1]
+
         return epoch
-    runs = [{"d2l": counting("d2l0", [0.0] * 6 + [0.84]), "ours": counting("ours0", [0.0] * 6 + [0.85]),
-             "ours_d2l_inputs": counting("pix0", [0.0] * 9 + [0.83])},
-            {"d2l": counting("d2l1", [0.0] * 9 + [0.86]), "ours": counting("ours1", [0.0] * 9 + [0.87]),
-             "ours_d2l_inputs": counting("pix1", [0.0] * 9 + [0.86])}]
+
+    runs = [
+        {
+            "d2l": counting("d2l0", [0.0] * 6 + [0.84]),
+            "ours": counting("ours0", [0.0] * 6 + [0.85]),
+            "ours_d2l_inputs": counting("pix0", [0.0] * 9 + [0.83]),
+        },
+        {
+            "d2l": counting("d2l1", [0.0] * 9 + [0.86]),
+            "ours": counting("ours1", [0.0] * 9 + [0.87]),
+            "ours_d2l_inputs": counting("pix1", [0.0] * 9 + [0.86]),
+        },
+    ]
     trained = {"d2l": (3, 0.0), "ours": (3, 0.0)}  # the timed rounds: seed 0's d2l and ours, 3 epochs
     result = bench.accuracy_study(runs, trained, seeds=[0, 1])
     assert calls == {"d2l0": 7, "ours0": 7, "pix0": 10, "d2l1": 10, "ours1": 10, "pix1": 10}
     assert result["accuracy"] == {"d2l": [0.84, 0.86], "ours": [0.85, 0.87], "ours_d2l_inputs": [0.83, 0.86]}
-    assert (result["test_accuracy"], result["d2l_test_accuracy"], result["test_accuracy_d2l_inputs"]) == (0.86, 0.85, 0.845)
+    assert (result["test_accuracy"], result["d2l_test_accuracy"], result["test_accuracy_d2l_inputs"]) == (
+        0.86,
+        0.85,
+        0.845,
+    )
     assert result["accuracy_gap_points"] == pytest.approx(1.0)
     assert result["accuracy_gap_points_d2l_inputs"] == pytest.approx(-0.5)
     assert (result["accuracy_epochs"], result["accuracy_seeds"]) == (10, [0, 1])
@@ -75,8 +115,9 @@ def test_accuracy_study_trains_no_further_when_the_timed_rounds_reached_ten_epoc
 
 def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path):
     lines = []
-    result = bench.run(small_params(), True, raw_dir, tmp_path / "absent", "cpu", epochs=3, workers=2,
-                       report=lines.append, seeds=2)
+    result = bench.run(
+        small_params(), True, raw_dir, tmp_path / "absent", "cpu", epochs=3, workers=2, report=lines.append, seeds=2
+    )
     assert KEYS <= set(result) and len(lines) == 4 and lines[-1].startswith("accuracy after 10 epochs, seeds [0, 1]")
     assert all(len(values) == 2 and 0 <= min(values) <= max(values) <= 1 for values in result["accuracy"].values())
     assert result["test_accuracy"] == pytest.approx(statistics.fmean(result["accuracy"]["ours"]), abs=1e-4)
@@ -115,8 +156,24 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
 
 @pytest.mark.integration
 def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
-    result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--raw",
-                       str(raw_dir), "--prepared", str(tmp_path / "absent"), "--workers", "0"], cwd=REPO, timeout=120)
+    result = run_tool(
+        [
+            str(VENV_BIN / "python"),
+            "-m",
+            "benchmarks.bench",
+            "--quick",
+            "--device",
+            "cpu",
+            "--raw",
+            str(raw_dir),
+            "--prepared",
+            str(tmp_path / "absent"),
+            "--workers",
+            "0",
+        ],
+        cwd=REPO,
+        timeout=120,
+    )
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert KEYS <= set(last) and last["epochs"] == bench.EPOCHS["quick"]
     assert "ours / GEMMs" in result.stdout
@@ -132,6 +189,7 @@ def test_missing_data_is_generated_in_the_real_shapes(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_no_seeds_is_a_one_line_error():
-    result = run_tool([str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--seeds", "0"], cwd=REPO, timeout=120,
-                      check=False)
+    result = run_tool(
+        [str(VENV_BIN / "python"), "-m", "benchmarks.bench", "--seeds", "0"], cwd=REPO, timeout=120, check=False
+    )
     assert result.returncode == 2 and result.stderr.strip() == "error: --seeds: got 0, expected 1 or more"

@@ -1,4 +1,5 @@
 """The entry every stage shares: one-line errors and signals that never cut an MLflow store call short."""
+
 from __future__ import annotations
 
 import signal
@@ -45,5 +46,3 @@ def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monke
         cli._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
     assert cli._pending == []
     cli._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
-
-

@@ -1,4 +1,5 @@
 """The download stage against real sources: a local HTTP server with good, corrupt, cut and stalled mirrors."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,15 +17,20 @@ import pytest
 import yaml
 
 from pipeline.datasets import FILE_KINDS, DatasetSpec
-from pipeline.stages.download import fetch_verified, run
 from pipeline.errors import PipelineError
 from pipeline.idx import archive_cap, file_bytes
+from pipeline.stages.download import fetch_verified, run
 from tests.conftest import REPO, tool_env
 
 HTML_PAGE = b"<!DOCTYPE html><html><body>Please log in to the captive portal</body></html>"
 # Mirror name -> the reason it must be skipped for, as written in the log line and in the final error.
-BAD_MIRROR_REASONS = {"corrupt": ": sha256 ", "truncated": ": truncated, ", "html": ": not an IDX file",
-                      "missing": ": HTTP 404 Not Found", "stall-body": ": TimeoutError: timed out after "}
+BAD_MIRROR_REASONS = {
+    "corrupt": ": sha256 ",
+    "truncated": ": truncated, ",
+    "html": ": not an IDX file",
+    "missing": ": HTTP 404 Not Found",
+    "stall-body": ": TimeoutError: timed out after ",
+}
 
 
 def gzip_bomb(inflated_bytes: int) -> bytes:
@@ -79,7 +85,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         for offset in range(len(body)):
             if self.server.release.wait(timeout=0.1):
                 return
-            self.write_or_stop(body[offset:offset + 1])
+            self.write_or_stop(body[offset : offset + 1])
 
     def send_endlessly(self) -> None:
         """Zeros without a Content-Length, until the client hangs up (or ENDLESS_STOP)."""
@@ -97,8 +103,9 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         except OSError:  # the client gave up on us, as it should
             return False
 
-    def send_body(self, body: bytes, content_type: str = "application/gzip", sent: int | None = None,
-                  length: str | None = None) -> None:
+    def send_body(
+        self, body: bytes, content_type: str = "application/gzip", sent: int | None = None, length: str | None = None
+    ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", length or str(len(body)))
@@ -115,8 +122,9 @@ def mirrors(tiny_dataset: dict):
     """A real HTTP server on 127.0.0.1 serving every mirror; .requests lists every path asked for."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MirrorHandler)
     server.archives = {path.name: path.read_bytes() for path in tiny_dataset["dir"].glob("*.gz")}
-    server.corrupt_archives = {f"{FILE_KINDS[kind]}.gz": gzip.compress(flipped(data))
-                               for kind, data in tiny_dataset["files"].items()}
+    server.corrupt_archives = {
+        f"{FILE_KINDS[kind]}.gz": gzip.compress(flipped(data)) for kind, data in tiny_dataset["files"].items()
+    }
     server.requests, server.release = [], threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -154,8 +162,12 @@ def stalled_url():
 
 
 def tiny_spec(tiny: dict, *sources: str | Path) -> DatasetSpec:
-    return DatasetSpec(name="tiny", sha256=tiny["sha256"], sources=tuple(str(source) for source in sources),
-                       counts={"train": 600, "test": 200})
+    return DatasetSpec(
+        name="tiny",
+        sha256=tiny["sha256"],
+        sources=tuple(str(source) for source in sources),
+        counts={"train": 600, "test": 200},
+    )
 
 
 def assert_wrote_good_files(out_dir: Path, records: dict, tiny: dict, source: str) -> None:
@@ -181,8 +193,7 @@ def test_good_mirror_gives_verified_files(tiny_dataset: dict, mirrors, tmp_path:
 
 
 @pytest.mark.parametrize("bad_mirror", BAD_MIRROR_REASONS)
-def test_bad_mirror_falls_through_to_the_next(tiny_dataset: dict, mirrors, tmp_path: Path, capsys,
-                                              bad_mirror: str):
+def test_bad_mirror_falls_through_to_the_next(tiny_dataset: dict, mirrors, tmp_path: Path, capsys, bad_mirror: str):
     good = url(mirrors, "good")
     spec = tiny_spec(tiny_dataset, url(mirrors, bad_mirror), good)
     records = run(spec, tmp_path / "raw", timeout_s=0.5)
@@ -210,14 +221,18 @@ def test_stalled_server_times_out_and_falls_through(tiny_dataset: dict, mirrors,
 LABELS_CAP = archive_cap(file_bytes("test_labels", 200))  # the most a compressed test_labels of 200 items takes
 
 
-@pytest.mark.parametrize("mirror, kind, reason", [
-    ("trickle", "test_labels", ": too slow, "),
-    ("endless", "test_labels", f": more than {LABELS_CAP} bytes, expected at most {LABELS_CAP}"),
-    ("huge-length", "test_labels", f": Content-Length {10**12} bytes, expected at most {LABELS_CAP}"),
-    ("bomb", "train_images", f": inflates to more than {file_bytes('train_images', 600)} bytes, expected at most "),
-])
-def test_unbounded_mirror_is_cut_off_and_the_next_one_used(tiny_dataset: dict, mirrors, capsys, mirror: str,
-                                                          kind: str, reason: str):
+@pytest.mark.parametrize(
+    "mirror, kind, reason",
+    [
+        ("trickle", "test_labels", ": too slow, "),
+        ("endless", "test_labels", f": more than {LABELS_CAP} bytes, expected at most {LABELS_CAP}"),
+        ("huge-length", "test_labels", f": Content-Length {10**12} bytes, expected at most {LABELS_CAP}"),
+        ("bomb", "train_images", f": inflates to more than {file_bytes('train_images', 600)} bytes, expected at most "),
+    ],
+)
+def test_unbounded_mirror_is_cut_off_and_the_next_one_used(
+    tiny_dataset: dict, mirrors, capsys, mirror: str, kind: str, reason: str
+):
     good, bad, filename = url(mirrors, "good"), url(mirrors, mirror), f"{FILE_KINDS[kind]}.gz"
     # timeout 0.5 s per read, 1 KB/s: the trickle's deadline is 0.5 + 208 bytes / 1000 bytes/s = 0.7 s
     data, source = fetch_verified(tiny_spec(tiny_dataset, bad, good), kind, timeout_s=0.5, min_kbytes_per_s=1)
@@ -226,8 +241,7 @@ def test_unbounded_mirror_is_cut_off_and_the_next_one_used(tiny_dataset: dict, m
     assert len(skipped) == 1 and skipped[0].startswith(f"{FILE_KINDS[kind]}: skipping source: {bad}{filename}{reason}")
 
 
-def test_local_gzip_bomb_and_oversized_file_are_skipped_for_the_next_source(tiny_dataset: dict, tmp_path: Path,
-                                                                            capsys):
+def test_local_gzip_bomb_and_oversized_file_are_skipped_for_the_next_source(tiny_dataset: dict, tmp_path: Path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train-images-idx3-ubyte.gz").write_bytes(BOMB)
@@ -239,14 +253,20 @@ def test_local_gzip_bomb_and_oversized_file_are_skipped_for_the_next_source(tiny
     skipped = [line for line in capsys.readouterr().err.splitlines() if "skipping source" in line]
     images_bytes, labels_cap = file_bytes("train_images", 600), archive_cap(file_bytes("train_labels", 600))
     assert skipped == [
-        (f"train-images-idx3-ubyte: skipping source: {bad}/train-images-idx3-ubyte.gz: inflates to more than "
-         f"{images_bytes} bytes, expected at most {images_bytes}"),
-        (f"train-labels-idx1-ubyte: skipping source: {bad}/train-labels-idx1-ubyte: {10**12} bytes, "
-         f"expected at most {labels_cap}")]
+        (
+            f"train-images-idx3-ubyte: skipping source: {bad}/train-images-idx3-ubyte.gz: inflates to more than "
+            f"{images_bytes} bytes, expected at most {images_bytes}"
+        ),
+        (
+            f"train-labels-idx1-ubyte: skipping source: {bad}/train-labels-idx1-ubyte: {10**12} bytes, "
+            f"expected at most {labels_cap}"
+        ),
+    ]
 
 
-def test_all_sources_failing_names_each_reason_and_writes_nothing(tiny_dataset: dict, mirrors, stalled_url: str,
-                                                                  tmp_path: Path):
+def test_all_sources_failing_names_each_reason_and_writes_nothing(
+    tiny_dataset: dict, mirrors, stalled_url: str, tmp_path: Path
+):
     name, half = "train-images-idx3-ubyte", len(mirrors.archives["train-images-idx3-ubyte.gz"]) // 2
     reasons = {url(mirrors, mirror): f"{name}.gz{reason}" for mirror, reason in BAD_MIRROR_REASONS.items()}
     reasons[url(mirrors, "stall-body")] += f"{half} bytes"
@@ -257,7 +277,7 @@ def test_all_sources_failing_names_each_reason_and_writes_nothing(tiny_dataset: 
         run(tiny_spec(tiny_dataset, *reasons), out_dir, timeout_s=0.5)
     prefix = f"{name}: no source has the verified tiny file ("
     assert str(raised.value).startswith(prefix) and str(raised.value).endswith(")")
-    failures = str(raised.value)[len(prefix):-1].split("; ")
+    failures = str(raised.value)[len(prefix) : -1].split("; ")
     assert len(failures) == len(reasons) and "\n" not in str(raised.value)
     for failure, (source, reason) in zip(failures, reasons.items()):
         assert failure.startswith(source + reason), (failure, source + reason)
@@ -311,9 +331,25 @@ def test_cli_with_bad_params_exits_2_with_one_error_line(tmp_path: Path):
     params["data"]["timeout_s"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download", "--params", str(tmp_path / "params.yaml"),
-                             "--out", str(tmp_path / "raw"), "--record", str(tmp_path / "download.json")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.download",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "raw"),
+            "--record",
+            str(tmp_path / "download.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["error: data.timeout_s: got -1, expected a number > 0"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,4 +1,5 @@
 """dvc.yaml stays honest: each stage depends on every pipeline/ module it imports, and on nothing stale."""
+
 from __future__ import annotations
 
 import ast
@@ -44,9 +45,11 @@ def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
 
 def stages() -> list[tuple[str, dict, str]]:
     """(name, stage, prefix of repo paths in its deps): the MNIST project lists ../../pipeline/... from its folder."""
-    return [(f"{label}{name}", stage.get("do", stage), prefix)
-            for label, pipeline, prefix in (("", DVC_YAML, ""), ("mnist:", MNIST_YAML, "../../"))
-            for name, stage in pipeline["stages"].items()]
+    return [
+        (f"{label}{name}", stage.get("do", stage), prefix)
+        for label, pipeline, prefix in (("", DVC_YAML, ""), ("mnist:", MNIST_YAML, "../../"))
+        for name, stage in pipeline["stages"].items()
+    ]
 
 
 def stage_module(stage: dict) -> str:

@@ -3,6 +3,7 @@ workspace's embedded store, tagged with their experiment, and none of them moves
 
 One module fixture runs the real commands once and records what they showed; the tests only read that record.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,12 @@ def readme_exp_lines() -> list[str]:
 
 def small_params(tiny: dict):
     """The tiny dataset with README's variant names, two epochs and one seed: quick enough to run many times."""
+
     def change(params: dict) -> None:
         tiny_params(tiny, epochs=2)(params)
         params["train"]["seeds"] = [0]
         params["variants"] = {"d2l": {"init_std": 0.01}, "d2l_scratch": {"impl": "scratch"}}
+
     return change
 
 
@@ -55,16 +58,23 @@ def experiments(tmp_path_factory, tiny_dataset):
     env = tool_env()  # no MLFLOW_TRACKING_URI: the embedded store at the workspace root
     run_tool(["dvc", "repro"], repo, env)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    record = {"repo": repo, "client": client, "readme": {},
-              "champion": client.get_model_version_by_alias("d2l-mlp", "champion").version}
+    record = {
+        "repo": repo,
+        "client": client,
+        "readme": {},
+        "champion": client.get_model_version_by_alias("d2l-mlp", "champion").version,
+    }
     for line in readme_exp_lines():  # as written; a --queue line runs with the queue below
         record["readme"][line] = run_tool(shlex.split(line), repo, env, check=False)
         run_tool(["git", "checkout", "--", "."], repo, env)  # a workspace experiment leaves its changes there
         run_tool(["dvc", "checkout", "--force"], repo, env)
-    record["temp"] = run_tool(["dvc", "exp", "run", "--temp", "--name", "temp-lr", "-S", "+variants.d2l.lr=0.3"],
-                              repo, env, check=False)
+    record["temp"] = run_tool(
+        ["dvc", "exp", "run", "--temp", "--name", "temp-lr", "-S", "+variants.d2l.lr=0.3"], repo, env, check=False
+    )
     for index, lr in enumerate(("0.02", "0.04", "0.08")):
-        run_tool(["dvc", "exp", "run", "--queue", "--name", f"queued-{index}", "-S", f"+variants.d2l.lr={lr}"], repo, env)
+        run_tool(
+            ["dvc", "exp", "run", "--queue", "--name", f"queued-{index}", "-S", f"+variants.d2l.lr={lr}"], repo, env
+        )
     run_tool(["dvc", "queue", "start", "-j", "2"], repo, env)
     record["queue_status"] = wait_for_queue(repo, env)
     record["show"] = run_tool(["dvc", "exp", "show", "--only-changed", "--no-pager"], repo, {**env, "COLUMNS": "200"})

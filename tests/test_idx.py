@@ -1,4 +1,5 @@
 """IDX files: our reader against torchvision's, and every malformed file rejected with an IdxError naming it."""
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,9 @@ def write_idx(directory: Path, name: str, array: torch.Tensor, gzipped: bool) ->
 
 
 @pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
-@pytest.mark.parametrize("name, array", [("images-idx3-ubyte", IMAGES), ("labels-idx1-ubyte", LABELS)],
-                         ids=["images", "labels"])
+@pytest.mark.parametrize(
+    "name, array", [("images-idx3-ubyte", IMAGES), ("labels-idx1-ubyte", LABELS)], ids=["images", "labels"]
+)
 def test_read_matches_torchvision(tmp_path: Path, name: str, array: torch.Tensor, gzipped: bool):
     plain, ours_path = write_idx(tmp_path, name, array, gzipped)
     ours = idx.read(ours_path)
@@ -75,8 +77,11 @@ def test_check_rejects_malformed_file_naming_it(case: str):
 
 def test_header_with_more_items_than_bytes_reports_both_sizes():
     short = GOOD_IMAGES[:-28]  # one row of the last image missing
-    with pytest.raises(idx.IdxError, match=rf"f.idx: {len(short)} bytes, expected {len(GOOD_IMAGES)} "
-                                           r"for dimensions \(30, 28, 28\)"):
+    with pytest.raises(
+        idx.IdxError,
+        match=rf"f.idx: {len(short)} bytes, expected {len(GOOD_IMAGES)} "
+        r"for dimensions \(30, 28, 28\)",
+    ):
         idx.parse_header(short, "f.idx")
 
 
@@ -118,8 +123,14 @@ OPTIMIZED_CHECKS = textwrap.dedent("""
 
 
 def test_checks_still_raise_under_python_O():
-    result = subprocess.run([sys.executable, "-O", "-c", OPTIMIZED_CHECKS], cwd=REPO,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-O", "-c", OPTIMIZED_CHECKS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and all(line.startswith("opt-file: ") for line in lines), result.stdout
@@ -157,8 +168,11 @@ def test_read_refuses_files_over_the_cap_before_reading_them(tmp_path: Path):
     huge = tmp_path / "huge-idx1-ubyte"
     with open(huge, "wb") as sparse:
         sparse.truncate(10**12)  # a terabyte of zeros that takes no disk: reading it would exhaust memory
-    with pytest.raises(idx.IdxError, match=rf"huge-idx1-ubyte: {10**12} bytes, expected at most "
-                                           rf"{idx.archive_cap(idx.DEFAULT_MAX_BYTES)}$"):
+    with pytest.raises(
+        idx.IdxError,
+        match=rf"huge-idx1-ubyte: {10**12} bytes, expected at most "
+        rf"{idx.archive_cap(idx.DEFAULT_MAX_BYTES)}$",
+    ):
         idx.read(huge)
     bomb = tmp_path / "bomb-idx3-ubyte.gz"
     bomb.write_bytes(zeros_gzip(64 << 20))  # more than the largest built-in file (47 MB)

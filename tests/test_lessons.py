@@ -1,4 +1,5 @@
 """The lesson stages reach their claims: linreg recovers w and b, and only the MLPs separate the spiral."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ def test_linreg_recovers_w_and_b_as_least_squares_does():
     result = linreg.run(LINREG)
     figures = linreg.summary(LINREG, result, run_id="")
     assert max(figures["w_error"]) < 0.01 and figures["b_error"] < 0.01
-    assert figures["final_loss"] < 2 * LINREG.noise_std ** 2  # at the noise floor, noise_std^2 / 2
+    assert figures["final_loss"] < 2 * LINREG.noise_std**2  # at the noise floor, noise_std^2 / 2
     # The reference: the exact least-squares fit of the same data, which SGD should approach.
     design = torch.cat([result.features, torch.ones(len(result.labels), 1)], dim=1)
     exact = torch.linalg.lstsq(design, result.labels[:, None]).solution.flatten()
@@ -99,23 +100,31 @@ def test_spiral_restores_the_thread_count():
     assert torch.get_num_threads() == threads
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: p["linreg"].update(lr=0), "linreg.lr: got 0, expected a number > 0"),
-    (lambda p: p["linreg"].update(noise_std=-0.1), "linreg.noise_std: got -0.1, expected a number >= 0"),
-    (lambda p: p["linreg"].update(true_w=[]), "linreg.true_w: got [], expected a non-empty list of numbers"),
-    (lambda p: p["linreg"].update(true_w=[2, "x"]), "linreg.true_w[1]: got 'x', expected a number"),
-    (lambda p: p["linreg"].update(batch_size=0), "linreg.batch_size: got 0, expected an integer >= 1"),
-    (lambda p: p["linreg"].pop("seed"), "linreg.seed: missing key"),
-    (lambda p: p["spiral"].update(classes=1), "spiral.classes: got 1, expected an integer >= 2"),
-    (lambda p: p["spiral"].update(test_fraction=1), "spiral.test_fraction: got 1, expected a number > 0 and < 1"),
-    (lambda p: p["spiral"].update(activations=["relu", "gelu"]), "spiral.activations[1]: got 'gelu', expected one of"),
-    (lambda p: p["spiral"].update(activations=["relu", "relu"]),
-     "spiral.activations: got ['relu', 'relu'], expected a non-empty list without repeats"),
-    (lambda p: p["spiral"].update(hiden=64), "spiral.hiden: unknown key"),
-    (lambda p: p["linreg"].update(true_w=[2, float("nan")]), "linreg.true_w[1]: got nan, expected a finite number"),
-    (lambda p: p["linreg"].update(seed=2**63), f"linreg.seed: got {2**63}, expected an integer < 2**63"),
-    (lambda p: p["spiral"].update(steps=-2**70), f"spiral.steps: got {-2**70}, expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["linreg"].update(lr=0), "linreg.lr: got 0, expected a number > 0"),
+        (lambda p: p["linreg"].update(noise_std=-0.1), "linreg.noise_std: got -0.1, expected a number >= 0"),
+        (lambda p: p["linreg"].update(true_w=[]), "linreg.true_w: got [], expected a non-empty list of numbers"),
+        (lambda p: p["linreg"].update(true_w=[2, "x"]), "linreg.true_w[1]: got 'x', expected a number"),
+        (lambda p: p["linreg"].update(batch_size=0), "linreg.batch_size: got 0, expected an integer >= 1"),
+        (lambda p: p["linreg"].pop("seed"), "linreg.seed: missing key"),
+        (lambda p: p["spiral"].update(classes=1), "spiral.classes: got 1, expected an integer >= 2"),
+        (lambda p: p["spiral"].update(test_fraction=1), "spiral.test_fraction: got 1, expected a number > 0 and < 1"),
+        (
+            lambda p: p["spiral"].update(activations=["relu", "gelu"]),
+            "spiral.activations[1]: got 'gelu', expected one of",
+        ),
+        (
+            lambda p: p["spiral"].update(activations=["relu", "relu"]),
+            "spiral.activations: got ['relu', 'relu'], expected a non-empty list without repeats",
+        ),
+        (lambda p: p["spiral"].update(hiden=64), "spiral.hiden: unknown key"),
+        (lambda p: p["linreg"].update(true_w=[2, float("nan")]), "linreg.true_w[1]: got nan, expected a finite number"),
+        (lambda p: p["linreg"].update(seed=2**63), f"linreg.seed: got {2**63}, expected an integer < 2**63"),
+        (lambda p: p["spiral"].update(steps=-(2**70)), f"spiral.steps: got {-(2**70)}, expected an integer >= 1"),
+    ],
+)
 def test_bad_lesson_params_name_the_key(tmp_path, change, message):
     lesson = next(iter(set(message.split(".")[:1])))
     params = yaml.safe_load((REPO / f"lessons/{lesson}/params.yaml").read_text())
@@ -125,7 +134,6 @@ def test_bad_lesson_params_name_the_key(tmp_path, change, message):
     with pytest.raises(ParamsError) as error:
         load_section(tmp_path / "params.yaml", lesson, model)
     assert message in str(error.value)
-
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +146,35 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         (root / stage).mkdir()
         with open(root / f"{stage}.log", "w") as log:
             processes[stage] = subprocess.Popen(
-                [sys.executable, "-m", f"lessons.{stage}.{stage}", "--metrics", str(root / stage / "metrics.json"),
-                 "--plot", str(root / stage / "plot.png")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    f"lessons.{stage}.{stage}",
+                    "--metrics",
+                    str(root / stage / "metrics.json"),
+                    "--plot",
+                    str(root / stage / "plot.png"),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     for stage, process in processes.items():
         assert process.wait(timeout=300) == 0, f"{stage} failed:\n{(root / f'{stage}.log').read_text()[-4000:]}"
     return {"uri": env["MLFLOW_TRACKING_URI"], **{stage: root / stage for stage in processes}}
 
 
-@pytest.mark.parametrize("stage, metric_keys", [
-    ("linreg", {"loss", "b", "b_error", "w_0", "w_0_error", "w_1", "w_1_error"}),
-    ("spiral", {"linear_train_accuracy", "relu_train_accuracy", "relu_test_accuracy", "relu_final_loss", "relu_loss"}),
-])
+@pytest.mark.parametrize(
+    "stage, metric_keys",
+    [
+        ("linreg", {"loss", "b", "b_error", "w_0", "w_0_error", "w_1", "w_1_error"}),
+        (
+            "spiral",
+            {"linear_train_accuracy", "relu_train_accuracy", "relu_test_accuracy", "relu_final_loss", "relu_loss"},
+        ),
+    ],
+)
 @pytest.mark.integration
 def test_stage_cli_writes_its_outputs_and_a_finished_mlflow_run(stage_runs, stage, metric_keys):
     from mlflow import MlflowClient

@@ -1,4 +1,5 @@
 """The committed dvc.lock matches the committed code and params: whoever changes a stage's code reruns it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +21,19 @@ def tracked_files() -> set[str]:
 def locked_code() -> list[tuple[str, str, str]]:
     """(stage, path, md5) for every dependency in dvc.lock that git tracks (code and params files)."""
     tracked = tracked_files()
-    return [(stage, dep["path"], dep["md5"]) for stage, entry in LOCK.items() for dep in entry.get("deps", [])
-            if dep["path"] in tracked and "md5" in dep]
+    return [
+        (stage, dep["path"], dep["md5"])
+        for stage, entry in LOCK.items()
+        for dep in entry.get("deps", [])
+        if dep["path"] in tracked and "md5" in dep
+    ]
 
 
 @pytest.mark.parametrize("stage, path, md5", locked_code(), ids=[f"{s}:{p}" for s, p, _ in locked_code()])
 def test_locked_code_is_the_code_in_the_repo(stage, path, md5):
     assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == md5, (
-        f"{path} changed since dvc.lock recorded {stage}: run `dvc repro` and commit dvc.lock with its results")
+        f"{path} changed since dvc.lock recorded {stage}: run `dvc repro` and commit dvc.lock with its results"
+    )
 
 
 def flatten(value, prefix: str = "") -> dict:
@@ -51,5 +57,7 @@ def test_every_stage_of_the_pipeline_is_locked():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     expected = {name for name, stage in stages.items() if "foreach" not in stage}
-    expected |= {f"{name}@{variant}" for name, stage in stages.items() if "foreach" in stage for variant in params["variants"]}
+    expected |= {
+        f"{name}@{variant}" for name, stage in stages.items() if "foreach" in stage for variant in params["variants"]
+    }
     assert set(LOCK) == expected

@@ -1,8 +1,9 @@
-"""MNIST digits through the same stages (lessons/mnist/dvc.yaml, its own DVC project), fed by a real HTTP server on 127.0.0.1.
+"""MNIST digits through the same stages (lessons/mnist, its own DVC project), fed by an HTTP server on 127.0.0.1.
 
 The real MNIST cannot be fetched here, so the server hands out small generated IDX files and the params
 pin their hashes under a dataset name of their own; everything else is the MNIST pipeline as users run it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,11 @@ from tests.conftest import copy_repo, run_tool, tool_env
 
 pytestmark = pytest.mark.integration
 
-VARIANTS = {"mlp_512": {"hidden": [512]}, "mlp_512_mse": {"loss": "mse", "lr": 0.5},
-            "mlp_512_l1": {"loss": "l1", "lr": 0.5}}
+VARIANTS = {
+    "mlp_512": {"hidden": [512]},
+    "mlp_512_mse": {"loss": "mse", "lr": 0.5},
+    "mlp_512_l1": {"loss": "l1", "lr": 0.5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +85,7 @@ def test_mnist_runs_go_to_their_own_experiment(mnist_repo):
     experiment = client.get_experiment_by_name("d2l-mnist")
     names = {run.info.run_name for run in client.search_runs([experiment.experiment_id])}
     assert {"download", "prepare", "train@mlp_512", "train@mlp_512_mse", "train@mlp_512_l1", "compare"} <= names
-    mse = next(run for run in client.search_runs([experiment.experiment_id]) if run.info.run_name == "train@mlp_512_mse")
+    mse = next(
+        run for run in client.search_runs([experiment.experiment_id]) if run.info.run_name == "train@mlp_512_mse"
+    )
     assert mse.data.params["loss"] == "mse" and mse.data.params["hidden"] == "(512,)"

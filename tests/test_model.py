@@ -1,4 +1,5 @@
 """The from-scratch MLP against nn.Sequential: same weights, same outputs and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,10 @@ def test_weights_are_normal_with_init_std_and_biases_zero(impl):
     assert all(bool((bias == 0).all()) for bias in biases)
 
 
-@pytest.mark.parametrize("name, reference", [("relu", F.relu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
-                                             ("leaky_relu", F.leaky_relu)])
+@pytest.mark.parametrize(
+    "name, reference",
+    [("relu", F.relu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("leaky_relu", F.leaky_relu)],
+)
 def test_hand_written_activations_match_torch(name, reference):
     x = torch.linspace(-6, 6, 101)
     torch.testing.assert_close(mlp.SCRATCH_ACTIVATIONS[name](x), reference(x), rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ One module fixture plays the whole story once (first repro, a repro with nothing
 a gate change) and records what each step showed; every test only reads that record, so each passes alone and
 in any order.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ from tests.conftest import commit_all, copy_repo, edit_params, run_tool, tiny_pa
 pytestmark = pytest.mark.integration
 
 DATA_STAGES = ["download", "prepare"]
-VARIANT_STAGES = [f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")]
+VARIANT_STAGES = [
+    f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")
+]
 
 
 def stages_run(output: str) -> list[str]:
@@ -50,8 +53,12 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
     client = MlflowClient(tracking_uri=mlflow_server)
     record = {"repo": repo, "uri": mlflow_server, "commit": run_tool(["git", "rev-parse", "HEAD"], repo).stdout.strip()}
     record["first"] = run_tool(["dvc", "repro"], repo, env).stdout
-    record["files"] = {path.relative_to(repo).as_posix(): path.read_bytes() for folder in ("results", "reports", "models")
-                       for path in (repo / folder).rglob("*") if path.is_file()}
+    record["files"] = {
+        path.relative_to(repo).as_posix(): path.read_bytes()
+        for folder in ("results", "reports", "models")
+        for path in (repo / folder).rglob("*")
+        if path.is_file()
+    }
     record["lock"] = yaml.safe_load((repo / "dvc.lock").read_text())
     record["runs"] = runs_by_name(client)
     record["champion"] = client.get_model_version_by_alias("d2l-mlp", "champion")
@@ -80,8 +87,15 @@ def read(story, path: str):
 
 def test_first_repro_runs_every_stage_and_writes_outputs(story):
     assert sorted(stages_run(story["first"])) == sorted(DATA_STAGES + VARIANT_STAGES + ["compare", "linreg", "spiral"])
-    for path in ["models/base/seed-0.pt", "models/base/seed-1.pt", "results/scratch/eval.json",
-                 "results/base/metrics.json", "results/base/confusion.png", "reports/compare.md", "reports/curves.png"]:
+    for path in [
+        "models/base/seed-0.pt",
+        "models/base/seed-1.pt",
+        "results/scratch/eval.json",
+        "results/base/metrics.json",
+        "results/base/confusion.png",
+        "reports/compare.md",
+        "reports/curves.png",
+    ]:
         assert path in story["files"], path
     stats = json.loads((story["repo"] / "metrics/prepare.json").read_text())
     assert (stats["train_count"], stats["validation_count"], stats["test_count"]) == (500, 100, 200)
@@ -110,16 +124,21 @@ def test_each_seed_is_a_nested_run_and_the_variant_run_holds_the_means(story):
         assert child.info.run_id == train["per_seed"][seed]["mlflow_run_id"]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.tags["seed"] == seed
         assert "test_accuracy" in child.data.metrics and "validation_accuracy" in child.data.metrics
-    assert parent.data.metrics["validation_accuracy_mean"] == pytest.approx(train["aggregate"]["validation_accuracy_mean"])
-    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(read(story, "results/base/eval.json")["test_accuracy_mean"])
+    assert parent.data.metrics["validation_accuracy_mean"] == pytest.approx(
+        train["aggregate"]["validation_accuracy_mean"]
+    )
+    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(
+        read(story, "results/base/eval.json")["test_accuracy_mean"]
+    )
     assert parent.data.params["lr"] == "0.1" and parent.data.params["impl"] == "module"
 
 
 def test_training_data_is_an_mlflow_dataset_whose_digest_is_the_dvc_hash(story):
     from mlflow import MlflowClient
 
-    dvc_hash = next(out["md5"] for out in story["lock"]["stages"]["prepare"]["outs"]
-                    if out["path"] == "data/prepared/tiny")
+    dvc_hash = next(
+        out["md5"] for out in story["lock"]["stages"]["prepare"]["outs"] if out["path"] == "data/prepared/tiny"
+    )
     run = MlflowClient(tracking_uri=story["uri"]).get_run(story["runs"]["train@base"].info.run_id)
     inputs = {entry.dataset.name: entry.dataset for entry in run.inputs.dataset_inputs}
     assert set(inputs) == {"tiny-train", "tiny-validation"}
@@ -147,7 +166,9 @@ def test_the_clean_run_registers_its_choice_as_champion_with_its_own_test_accura
     chosen = read(story, f"results/{summary['champion']}/train.json")
     assert champion.run_id == chosen["mlflow_run_id"] and summary["champion_model_uri"] == chosen["mlflow_model_uri"]
     evaluation = read(story, f"results/{summary['champion']}/eval.json")
-    assert summary["champion_test_accuracy"] == evaluation["per_seed"][str(chosen["mlflow_model_seed"])]["test_accuracy"]
+    assert (
+        summary["champion_test_accuracy"] == evaluation["per_seed"][str(chosen["mlflow_model_seed"])]["test_accuracy"]
+    )
 
 
 def test_second_repro_runs_nothing_and_logs_nothing(story):

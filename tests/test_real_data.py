@@ -1,4 +1,5 @@
 """The real Fashion-MNIST, when this machine has it (Debian's dataset-fashion-mnist): hashes, counts, claims."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from pipeline import config, tensors
-from pipeline.stages import download, prepare, train
 from pipeline.datasets import BUILT_IN
+from pipeline.stages import download, prepare, train
 from tests.conftest import REAL_FASHION_MNIST, REPO
 
 pytestmark = pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed")

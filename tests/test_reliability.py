@@ -1,4 +1,5 @@
 """Faults and interruptions with real processes: nothing half-written, no run left RUNNING, no hang."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ import yaml
 
 from pipeline import tensors
 from pipeline.stages import prepare
-from tests.conftest import (REPO, copy_repo, edit_params, idx_bytes, make_split, run_tool, tiny_params,
-                            tool_env)
+from tests.conftest import REPO, copy_repo, edit_params, idx_bytes, make_split, run_tool, tiny_params, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +41,25 @@ def prepared(tmp_path_factory, tiny_dataset) -> dict:
 
 def train_command(prepared: dict, out: Path, variant: str = "base") -> list[str]:
     """The train stage run directly (not under dvc), writing into `out`."""
-    return [sys.executable, "-m", "pipeline.stages.train", "--params", str(prepared["params"]), "--variant", variant,
-            "--data", str(prepared["data"]), "--stats", str(prepared["stats"]), "--models", str(out / "models"),
-            "--summary", str(out / "train.json"), "--history", str(out / "history.csv")]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.stages.train",
+        "--params",
+        str(prepared["params"]),
+        "--variant",
+        variant,
+        "--data",
+        str(prepared["data"]),
+        "--stats",
+        str(prepared["stats"]),
+        "--models",
+        str(out / "models"),
+        "--summary",
+        str(out / "train.json"),
+        "--history",
+        str(out / "history.csv"),
+    ]
 
 
 def statuses(uri: str, since: float = 0) -> dict[str, str]:
@@ -80,6 +96,7 @@ def comparable(history_csv: Path) -> list[list[str]]:
 
 # --- signals and exceptions: the MLflow run ends KILLED or FAILED, never RUNNING or FINISHED ---
 
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_train_ends_the_run_killed_and_writes_nothing(prepared, tmp_path, signum):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -87,8 +104,14 @@ def test_signal_during_train_ends_the_run_killed_and_writes_nothing(prepared, tm
     params["train"]["epochs"] = 500
     prepared = {**prepared, "params": tmp_path / "params.yaml"}
     prepared["params"].write_text(yaml.safe_dump(params))
-    process = subprocess.Popen(train_command(prepared, tmp_path / "out"), cwd=REPO, env=tool_env(
-        MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_command(prepared, tmp_path / "out"),
+        cwd=REPO,
+        env=tool_env(MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().startswith("seed 0  epoch   1")  # training is under way
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
@@ -122,14 +145,22 @@ def test_signal_during_mlflow_logging_still_ends_the_run_killed(tmp_path, signum
     then failed with 'database is locked', exit 1, and the run stayed RUNNING (2 times out of 6)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for attempt in range(2):
-        process = subprocess.Popen([sys.executable, "-c", LOGGING_FOREVER], cwd=REPO, env=tool_env(
-            MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", LOGGING_FOREVER],
+            cwd=REPO,
+            env=tool_env(MLFLOW_TRACKING_URI=uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stdout.readline() == "logging\n"
         time.sleep(0.1 + 0.2 * attempt)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=60)
         assert (process.returncode, stderr.strip().splitlines()[-1]) == (
-            130, f"interrupted: signal {signal.Signals(signum).name}")
+            130,
+            f"interrupted: signal {signal.Signals(signum).name}",
+        )
     assert [run.info.status for run in runs(uri)] == ["KILLED", "KILLED"]
 
 
@@ -139,8 +170,15 @@ def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, 
     (out / "models/seed-0.pt").write_bytes(b"the previous model")
     started = time.time()
     # 600 kB: the small files fit; the 800 kB state dict does not. (The store is a server: not limited.)
-    result = subprocess.run(train_command(prepared, out), cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI=mlflow_server),
-                            capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(600_000))
+    result = subprocess.run(
+        train_command(prepared, out),
+        cwd=REPO,
+        env=tool_env(MLFLOW_TRACKING_URI=mlflow_server),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(600_000),
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {out / 'models/seed-0.pt'}: File too large"
     assert (out / "models/seed-0.pt").read_bytes() == b"the previous model"
@@ -151,9 +189,25 @@ def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, 
 def test_unreachable_tracking_server_fails_in_seconds_naming_it(tmp_path, tiny_dataset):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.prepare", "--raw", str(tiny_dataset["dir"]), "--out", str(tmp_path / "p"),
-         "--stats", str(tmp_path / "stats.json"), "--run-record", str(tmp_path / "run.json")],
-        cwd=REPO, env=tool_env(MLFLOW_TRACKING_URI="http://127.0.0.1:1"), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.prepare",
+            "--raw",
+            str(tiny_dataset["dir"]),
+            "--out",
+            str(tmp_path / "p"),
+            "--stats",
+            str(tmp_path / "stats.json"),
+            "--run-record",
+            str(tmp_path / "run.json"),
+        ],
+        cwd=REPO,
+        env=tool_env(MLFLOW_TRACKING_URI="http://127.0.0.1:1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.monotonic() - started < 40
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
@@ -164,18 +218,31 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_it(tmp_path, tiny_d
 def test_two_trainings_at_once_share_the_embedded_store_and_agree(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = tool_env(MLFLOW_TRACKING_URI=uri)
-    processes = [subprocess.Popen(train_command(prepared, tmp_path / name), cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    processes = [
+        subprocess.Popen(
+            train_command(prepared, tmp_path / name),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
+    for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr
         assert "database is locked" not in stderr
     assert {run.info.status for run in runs(uri)} == {"FINISHED"} and len(runs(uri)) == 4  # 2 variants, 2 seeds
     # Same seed on CPU: identical figures, apart from wall-clock time and run ids.
     volatile = {"mlflow_run_id", "train_seconds"}
-    seeds = [{seed: {k: v for k, v in figures.items() if k not in volatile}
-              for seed, figures in json.loads((tmp_path / name / "train.json").read_text())["per_seed"].items()}
-             for name in ("a", "b")]
+    seeds = [
+        {
+            seed: {k: v for k, v in figures.items() if k not in volatile}
+            for seed, figures in json.loads((tmp_path / name / "train.json").read_text())["per_seed"].items()
+        }
+        for name in ("a", "b")
+    ]
     assert seeds[0] == seeds[1]
     assert comparable(tmp_path / "a/history.csv") == comparable(tmp_path / "b/history.csv")
     assert (tmp_path / "a/models/seed-0.pt").read_bytes() == (tmp_path / "b/models/seed-0.pt").read_bytes()
@@ -198,6 +265,7 @@ def test_gpu_reproducibility_as_documented(prepared):
 
 
 # --- kill -9 under dvc: nothing half-written, dvc sees the stage as changed, the rerun recovers ---
+
 
 @pytest.fixture(scope="module")
 def big_repo(tmp_path_factory, mlflow_server) -> dict:
@@ -223,8 +291,14 @@ def big_repo(tmp_path_factory, mlflow_server) -> dict:
 
 def kill_dvc_when(repo: Path, env: dict, stage: str, ready) -> None:
     """Run only `stage` (forced, so it runs whatever ran before) and kill dvc and the stage when `ready()`."""
-    process = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", stage],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(ready)
     finally:
@@ -234,10 +308,14 @@ def kill_dvc_when(repo: Path, env: dict, stage: str, ready) -> None:
 
 def snapshot(paths: list[Path]) -> dict:
     """What is at each path now (None when absent): a failed stage must leave exactly this."""
+
     def contents(path: Path):
         if path.is_dir():
-            return {child.relative_to(path).as_posix(): child.read_bytes() for child in path.rglob("*") if child.is_file()}
+            return {
+                child.relative_to(path).as_posix(): child.read_bytes() for child in path.rglob("*") if child.is_file()
+            }
         return path.read_bytes() if path.exists() else None
+
     return {path: contents(path) for path in paths}
 
 
@@ -254,8 +332,10 @@ def test_kill_9_during_prepare_leaves_nothing_half_written(big_repo):
     assert abs(images.mean().item()) < 1e-4  # normalized with the train statistics
     prepare.run(repo / "data/raw/tiny", repo.parent / "uninterrupted", normalize=True, validation=100, seed=0)
     for split in ("train", "validation", "test"):  # the same tensors as a run nobody killed
-        for recovered, reference in zip(tensors.load_split(prepared_dir / f"tiny/{split}.pt"),
-                                        tensors.load_split(repo.parent / f"uninterrupted/{split}.pt")):
+        for recovered, reference in zip(
+            tensors.load_split(prepared_dir / f"tiny/{split}.pt"),
+            tensors.load_split(repo.parent / f"uninterrupted/{split}.pt"),
+        ):
             assert torch.equal(recovered, reference)
 
 
@@ -265,16 +345,20 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
     outputs = [repo / "models/base", repo / "results/base/train.json", repo / "results/base/history.csv"]
     before = snapshot(outputs)
     checkpoint = repo / "checkpoints/base/seed-0.pt"
-    kill_dvc_when(repo, env, "train@base", lambda: checkpoint.exists()
-                  and torch.load(checkpoint, weights_only=True)["epoch"] >= 2)
+    kill_dvc_when(
+        repo, env, "train@base", lambda: checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 2
+    )
     assert snapshot(outputs) == before  # persistent outputs: the last good ones stay
     assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     resumed = run_tool(["dvc", "repro", "--force", "--single-item", "train@base"], repo, env).stdout
     assert "resuming from checkpoints/base/seed-0.pt after epoch" in resumed
     assert not checkpoint.exists()  # removed once the stage succeeded
     reference = tmp_path / "reference"
-    prepared = {"data": repo / "data/prepared/tiny", "params": repo / "params.yaml",
-                "stats": repo / "metrics/prepare.json"}
+    prepared = {
+        "data": repo / "data/prepared/tiny",
+        "params": repo / "params.yaml",
+        "stats": repo / "metrics/prepare.json",
+    }
     run_tool(train_command(prepared, reference), REPO, env)
     assert comparable(repo / "results/base/history.csv") == comparable(reference / "history.csv")
     assert (repo / "models/base/seed-0.pt").read_bytes() == (reference / "models/seed-0.pt").read_bytes()
@@ -283,15 +367,26 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
 def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_repo):
     repo, env = big_repo["repo"], big_repo["env"]
     run_tool(["dvc", "repro", "evaluate@base"], repo, env)  # a locked train@base and its outputs to keep
-    outputs = [repo / "models/base", repo / "results/base/train.json", repo / "results/base/history.csv",
-               repo / "results/base/eval.json"]
+    outputs = [
+        repo / "models/base",
+        repo / "results/base/train.json",
+        repo / "results/base/history.csv",
+        repo / "results/base/eval.json",
+    ]
     before, lock_before, started = snapshot(outputs), (repo / "dvc.lock").read_text(), time.time()
     original = (repo / "params.yaml").read_text()
     edit_params(repo, lambda params: params["variants"]["base"].update(seeds=[5]))
     try:
         # A 600 kB file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
-        result = subprocess.run(["dvc", "repro", "evaluate@base"], cwd=repo, env=env, capture_output=True, text=True,
-                                timeout=600, preexec_fn=limit_file_size(600_000))
+        result = subprocess.run(
+            ["dvc", "repro", "evaluate@base"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=limit_file_size(600_000),
+        )
     finally:
         (repo / "params.yaml").write_text(original)
     assert result.returncode != 0

@@ -1,4 +1,5 @@
 """Honest selection: a stratified validation split, intervals checked against t tables, and the selection rule."""
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,14 @@ def test_validation_split_is_stratified_exact_and_fixed_by_its_seed():
     assert torch.bincount(labels[uneven], minlength=3).tolist() == [4, 2, 1]
 
 
-@pytest.mark.parametrize("count, message", [
-    (1000, "prepare.validation: got 1000, expected 0 to 999"),
-    (-1, "prepare.validation: got -1, expected 0 to 999"),
-    (2, "prepare.validation: got 2, which leaves class 2 without validation images"),
-])
+@pytest.mark.parametrize(
+    "count, message",
+    [
+        (1000, "prepare.validation: got 1000, expected 0 to 999"),
+        (-1, "prepare.validation: got -1, expected 0 to 999"),
+        (2, "prepare.validation: got 2, which leaves class 2 without validation images"),
+    ],
+)
 def test_a_split_that_cannot_be_made_is_refused(count, message):
     labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
     with pytest.raises(PipelineError, match=message):
@@ -41,8 +45,12 @@ def test_prepare_writes_three_disjoint_splits_normalized_with_the_train_part_onl
     raw = tmp_path / "raw"
     raw.mkdir()
     (train_images, train_labels), (test_images, test_labels) = make_split(200, seed=1), make_split(50, seed=2)
-    for kind, array in [("train_images", train_images), ("train_labels", train_labels),
-                        ("test_images", test_images), ("test_labels", test_labels)]:
+    for kind, array in [
+        ("train_images", train_images),
+        ("train_labels", train_labels),
+        ("test_images", test_images),
+        ("test_labels", test_labels),
+    ]:
         (raw / prepare.FILE_KINDS[kind]).write_bytes(idx_bytes(array))
     figures = prepare.run(raw, tmp_path / "out", normalize=True, validation=40, seed=3)
     assert (figures["train_count"], figures["validation_count"], figures["test_count"]) == (160, 40, 50)
@@ -71,7 +79,9 @@ def test_a_lead_smaller_than_the_seed_noise_is_not_beyond_it():
     assert noisy["seeds"] == ["0", "1", "2"] and not noisy["beyond_noise"]
     differences = [0.01, -0.01, 0.02]
     half = T_975[2] * statistics.stdev(differences) / math.sqrt(3)
-    assert noisy["interval"] == pytest.approx([statistics.fmean(differences) - half, statistics.fmean(differences) + half])
+    assert noisy["interval"] == pytest.approx(
+        [statistics.fmean(differences) - half, statistics.fmean(differences) + half]
+    )
     clear = stats.paired_difference({"0": 0.86, "1": 0.87, "2": 0.865}, {"0": 0.80, "1": 0.80, "2": 0.81})
     assert clear["beyond_noise"] and clear["interval"][0] > 0
 
@@ -79,12 +89,19 @@ def test_a_lead_smaller_than_the_seed_noise_is_not_beyond_it():
 def row(validation: list[float], passed: bool = True) -> dict:
     per_seed = {str(seed): {"validation_accuracy": value} for seed, value in enumerate(validation)}
     mean = statistics.fmean(validation) if validation and validation[0] is not None else None
-    return {"train": {"per_seed": per_seed, "aggregate": {"validation_accuracy_mean": mean}}, "eval": {"passed": passed}}
+    return {
+        "train": {"per_seed": per_seed, "aggregate": {"validation_accuracy_mean": mean}},
+        "eval": {"passed": passed},
+    }
 
 
 def test_the_champion_has_the_best_mean_validation_accuracy_among_variants_that_pass():
-    rows = {"best_but_fails": row([0.95, 0.95, 0.95], passed=False), "second": row([0.86, 0.85, 0.87]),
-            "third": row([0.80, 0.81, 0.80]), "close": row([0.855, 0.85, 0.86])}
+    rows = {
+        "best_but_fails": row([0.95, 0.95, 0.95], passed=False),
+        "second": row([0.86, 0.85, 0.87]),
+        "third": row([0.80, 0.81, 0.80]),
+        "close": row([0.855, 0.85, 0.86]),
+    }
     selection = compare.select(rows)
     assert (selection["champion"], selection["runner_up"]) == ("second", "close")
     assert selection["verdict"] == "indistinguishable"

@@ -4,6 +4,7 @@ A tiny MLP is trained on synthetic images (tests/conftest.py `make_split`), logg
 temporary SQLite store and registered as `champion`; then loaded with pyfunc, served with `mlflow models serve`,
 and asked by `python -m pipeline.stages.predict` on PNG and JPEG files.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipeline import model as mlp, serving
+from pipeline import model as mlp
+from pipeline import serving
 from pipeline.datasets import class_names
 from pipeline.errors import PipelineError
 from pipeline.stages import predict
@@ -63,8 +65,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
         nets[impl] = train_tiny(impl, train_images, train_labels, mean, std)
         paths[impl] = root / impl
         serving.save_model(nets[impl], architecture(impl), mean, std, NAMES, paths[impl])
-    return {"nets": nets, "paths": paths, "mean": mean, "std": std,
-            "images": test_images.numpy(), "labels": test_labels.numpy()}
+    return {
+        "nets": nets,
+        "paths": paths,
+        "mean": mean,
+        "std": std,
+        "images": test_images.numpy(),
+        "labels": test_labels.numpy(),
+    }
 
 
 def architecture(impl: str) -> dict:
@@ -137,8 +145,10 @@ def test_bad_input_is_refused_with_one_line(served, name):
 def test_pyfunc_enforces_the_signature(served):
     """Through pyfunc, MLflow checks dtype and shape against the signature before our code runs."""
     model = mlflow.pyfunc.load_model(str(served["paths"]["module"]))
-    for images, message in [(served["images"].astype(np.float32), "dtype of input float32 does not match"),
-                            (served["images"].reshape(-1, 784), "does not match expected shape (-1, 28, 28)")]:
+    for images, message in [
+        (served["images"].astype(np.float32), "dtype of input float32 does not match"),
+        (served["images"].reshape(-1, 784), "does not match expected shape (-1, 28, 28)"),
+    ]:
         with pytest.raises(MlflowException, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
             model.predict(images)
         assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
@@ -217,8 +227,14 @@ def test_real_champion_on_raw_test_images_scores_what_evaluate_says(tmp_path):
     train_images, test_images = (normalized(raw[name], mean, std) for name in ("train-images", "t10k-images"))
     params = config.load(REPO / "params.yaml").variant("d2l_scratch")
     result = run(params, (train_images, labels[0]), (test_images, labels[1]))
-    serving.save_model(result.model.cpu(), architecture("scratch") | {"hidden": list(params.hidden)}, mean, std,
-                       NAMES, tmp_path / "model")
+    serving.save_model(
+        result.model.cpu(),
+        architecture("scratch") | {"hidden": list(params.hidden)},
+        mean,
+        std,
+        NAMES,
+        tmp_path / "model",
+    )
     predictions = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(raw["t10k-images"].numpy())
     accuracy = (predictions["class_index"].to_numpy() == labels[1].numpy()).mean()
     assert accuracy == evaluate(result.model, test_images.to(result.device), labels[1].to(result.device))[1]
@@ -233,8 +249,9 @@ def registered(served: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(experiment_id=mlflow.create_experiment("serving", (root / "artifacts").as_uri())):
-            info = serving.log_model(served["nets"]["scratch"], architecture("scratch"), served["mean"],
-                                     served["std"], NAMES)
+            info = serving.log_model(
+                served["nets"]["scratch"], architecture("scratch"), served["mean"], served["std"], NAMES
+            )
         version = mlflow.register_model(info.model_uri, REGISTERED).version
         mlflow.MlflowClient().set_registered_model_alias(REGISTERED, "champion", version)
         champion = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion").predict(served["images"])
@@ -249,10 +266,24 @@ def server(registered: dict) -> str:
     port, log_path = free_port(), registered["root"] / "serve.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{REGISTERED}@champion",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=tool_env(MLFLOW_TRACKING_URI=registered["uri"]),
-            start_new_session=True)
+            [
+                str(VENV_BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{REGISTERED}@champion",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=tool_env(MLFLOW_TRACKING_URI=registered["uri"]),
+            start_new_session=True,
+        )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", process, log_path)
         yield f"http://127.0.0.1:{port}"
@@ -280,8 +311,9 @@ def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, timeout_s
 
 def invoke(url: str, body: object) -> tuple[int, dict]:
     """POST /invocations as JSON; the status and the decoded answer, also for errors."""
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -304,11 +336,17 @@ def test_server_answers_as_pyfunc_does(served, registered, server, key):
 
 
 SERVER_BAD_INPUTS = {  # MLflow's own checks answer BAD_REQUEST, ours INVALID_PARAMETER_VALUE; both are HTTP 400
-    "flat rows": (lambda images: images.reshape(-1, 784), "INVALID_PARAMETER_VALUE",
-                  "does not match expected shape (-1, 28, 28)"),
+    "flat rows": (
+        lambda images: images.reshape(-1, 784),
+        "INVALID_PARAMETER_VALUE",
+        "does not match expected shape (-1, 28, 28)",
+    ),
     "pixels scaled to 0-1": (lambda images: images / 255, "INVALID_PARAMETER_VALUE", "its brightest pixel is 0 of"),
-    "normalized": (lambda images: (images / 255 - 0.286) / 0.353, "INVALID_PARAMETER_VALUE",
-                   "its brightest pixel is 1 of"),
+    "normalized": (
+        lambda images: (images / 255 - 0.286) / 0.353,
+        "INVALID_PARAMETER_VALUE",
+        "its brightest pixel is 1 of",
+    ),
     "above 255": (lambda images: images.astype(int) + 200, "BAD_REQUEST", "out of bounds for uint8"),
     "text": (lambda images: np.array("a picture of a shoe"), "BAD_REQUEST", "Failed to convert data"),
 }
@@ -325,20 +363,29 @@ def test_server_refuses_bad_input_with_400(served, server, name):
 
 def predict_command(registered: dict, *args: str) -> subprocess.CompletedProcess:
     """`python -m pipeline.stages.predict` as a user runs it, against the test's tracking store."""
-    return subprocess.run([sys.executable, "-m", "pipeline.stages.predict", *args], check=False, cwd=REPO,
-                          env=tool_env(MLFLOW_TRACKING_URI=registered["uri"]), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.predict", *args],
+        check=False,
+        cwd=REPO,
+        env=tool_env(MLFLOW_TRACKING_URI=registered["uri"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.integration
 def test_predict_prints_the_champions_top_classes(served, registered, tmp_path):
     params = tmp_path / "params.yaml"  # the default model URI comes from mlflow.registered_model
-    params.write_text((REPO / "params.yaml").read_text().replace("registered_model: d2l-mlp",
-                                                                 f"registered_model: {REGISTERED}"))
+    params.write_text(
+        (REPO / "params.yaml").read_text().replace("registered_model: d2l-mlp", f"registered_model: {REGISTERED}")
+    )
     images, labels = served["images"], served["labels"]
-    files = {write_image(tmp_path / "trouser.png", images[1]): labels[1],
-             write_image(tmp_path / "coat_64.jpg", images[4], size=64): labels[4],
-             write_image(tmp_path / "bag_light.png", 255 - images[8]): labels[8]}
+    files = {
+        write_image(tmp_path / "trouser.png", images[1]): labels[1],
+        write_image(tmp_path / "coat_64.jpg", images[4], size=64): labels[4],
+        write_image(tmp_path / "bag_light.png", 255 - images[8]): labels[8],
+    }
     result = predict_command(registered, *map(str, files), "--params", str(params))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -352,9 +399,13 @@ def test_predict_prints_the_champions_top_classes(served, registered, tmp_path):
 def test_predict_fails_with_one_error_line(registered, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     write_image(tmp_path / "image.png", make_split(1, seed=4)[0][0].numpy())
-    for args, message in [((str(tmp_path / "notes.png"),), "notes.png: not a PNG or JPEG image"),
-                          ((str(tmp_path / "image.png"), "--model", f"models:/{REGISTERED}@nosuch"),
-                           f"error: cannot load model models:/{REGISTERED}@nosuch")]:
+    for args, message in [
+        ((str(tmp_path / "notes.png"),), "notes.png: not a PNG or JPEG image"),
+        (
+            (str(tmp_path / "image.png"), "--model", f"models:/{REGISTERED}@nosuch"),
+            f"error: cannot load model models:/{REGISTERED}@nosuch",
+        ),
+    ]:
         result = predict_command(registered, *args)
         assert result.returncode == 2 and result.stdout == ""
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

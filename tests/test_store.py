@@ -1,4 +1,5 @@
 """The embedded MLflow store: it moves with a copied repo, it is backed up and restored, and it fails in one line."""
+
 from __future__ import annotations
 
 import hashlib
@@ -86,6 +87,7 @@ def global_tracking(monkeypatch):
 
 # --- relocation ---
 
+
 def test_a_copied_store_points_at_the_copy_and_loads_the_champion_from_it(repo_a, tmp_path, capsys, global_tracking):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
@@ -108,7 +110,8 @@ def test_a_copied_store_points_at_the_copy_and_loads_the_champion_from_it(repo_a
     assert client.get_logged_model(model_id).artifact_location.startswith(new_root + "/")
     with sqlite3.connect(repo_b / "mlflow.db") as connection:  # MLflow does not show where a version's files are
         assert connection.execute("SELECT storage_location FROM model_versions").fetchall() == [
-            (client.get_logged_model(model_id).artifact_location,)]
+            (client.get_logged_model(model_id).artifact_location,)
+        ]
     assert client.get_experiment("0").artifact_location.endswith("/mlruns/0")  # not under mlartifacts: left alone
 
     shutil.rmtree(repo_a / "mlartifacts")  # what B loads can only come from B
@@ -139,21 +142,35 @@ def test_only_locations_under_the_old_mlartifacts_move(tmp_path):
     with sqlite3.connect(db) as connection:
         connection.execute("CREATE TABLE experiments (artifact_location TEXT)")
         connection.execute("CREATE TABLE runs (artifact_uri TEXT)")
-        connection.executemany("INSERT INTO experiments VALUES (?)", [("file:///old/repo/mlartifacts",),
-                                                                     ("file:///old/repo/mlruns/0",), ("s3://b/x",)])
-        connection.executemany("INSERT INTO runs VALUES (?)", [("file:///old/repo/mlartifacts/1/artifacts",),
-                                                              ("file:///old/repo/mlartifacts_2/1",),
-                                                              ("file:///elsewhere/mlartifacts/1",)])
+        connection.executemany(
+            "INSERT INTO experiments VALUES (?)",
+            [("file:///old/repo/mlartifacts",), ("file:///old/repo/mlruns/0",), ("s3://b/x",)],
+        )
+        connection.executemany(
+            "INSERT INTO runs VALUES (?)",
+            [
+                ("file:///old/repo/mlartifacts/1/artifacts",),
+                ("file:///old/repo/mlartifacts_2/1",),
+                ("file:///elsewhere/mlartifacts/1",),
+            ],
+        )
     store.relocate(db)
     new_root = store.artifact_root(db)
     with sqlite3.connect(db) as connection:
         assert [row[0] for row in connection.execute("SELECT * FROM experiments")] == [
-            new_root, "file:///old/repo/mlruns/0", "s3://b/x"]
+            new_root,
+            "file:///old/repo/mlruns/0",
+            "s3://b/x",
+        ]
         assert [row[0] for row in connection.execute("SELECT * FROM runs")] == [
-            f"{new_root}/1/artifacts", "file:///old/repo/mlartifacts_2/1", "file:///elsewhere/mlartifacts/1"]
+            f"{new_root}/1/artifacts",
+            "file:///old/repo/mlartifacts_2/1",
+            "file:///elsewhere/mlartifacts/1",
+        ]
 
 
 # --- compare refuses a champion whose files are gone ---
+
 
 def test_compare_refuses_a_model_whose_artifacts_are_missing(repo_a, tmp_path, global_tracking):
     from pipeline.stages import compare
@@ -171,6 +188,7 @@ def test_compare_refuses_a_model_whose_artifacts_are_missing(repo_a, tmp_path, g
 
 
 # --- backups ---
+
 
 def test_a_truncated_store_is_restored_from_its_backup(repo_a, tmp_path):
     from mlflow import MlflowClient
@@ -255,8 +273,14 @@ main()
 
 def stage_process(script: str, workspace: Path) -> subprocess.Popen:
     """A stage (the script) whose workspace root, and so embedded store, is `workspace`."""
-    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=tool_env(DVC_ROOT=str(workspace)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=tool_env(DVC_ROOT=str(workspace)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stderr_lines(stderr: str) -> list[str]:
@@ -306,11 +330,20 @@ def test_a_truncated_store_fails_the_stage_in_one_line_and_restore_brings_it_bac
     failed = stage_process(ONE_STAGE, workspace)
     _, stderr = failed.communicate(timeout=120)
     assert failed.returncode == 2
-    expected = (f"error: MLflow tracking at sqlite:///{db} failed: database disk image is malformed; "
-                "python -m pipeline.store restore puts back the newest backup")
+    expected = (
+        f"error: MLflow tracking at sqlite:///{db} failed: database disk image is malformed; "
+        "python -m pipeline.store restore puts back the newest backup"
+    )
     assert stderr_lines(stderr) == [expected]
-    restore = subprocess.run([sys.executable, "-m", "pipeline.store", "restore"], cwd=REPO, check=False,
-                             env=tool_env(DVC_ROOT=str(workspace)), capture_output=True, text=True, timeout=60)
+    restore = subprocess.run(
+        [sys.executable, "-m", "pipeline.store", "restore"],
+        cwd=REPO,
+        check=False,
+        env=tool_env(DVC_ROOT=str(workspace)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert restore.returncode == 0, restore.stderr
     assert restore.stdout.startswith(f"restored {db} from {store.newest_backup(db)}; the store it replaced is ")
     again = stage_process(ONE_STAGE, workspace)

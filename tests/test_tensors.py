@@ -1,4 +1,5 @@
 """Checked loads: a prepared split or a saved model that is not what we wrote is one line naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -31,24 +32,39 @@ def split(images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 SPLIT_FAULTS = {
-    "raw pickle": (lambda path, marker: path.write_bytes(pickle.dumps(split(WritesMarker(marker), 1))),
-                   "refusing to load"),
-    "torch.save of an object": (lambda path, marker: torch.save(split(WritesMarker(marker), 1), path),
-                                "refusing to load"),
-    "random bytes": (lambda path, marker: path.write_bytes(os.urandom(4096)), "expected {\"images\""),
+    "raw pickle": (
+        lambda path, marker: path.write_bytes(pickle.dumps(split(WritesMarker(marker), 1))),
+        "refusing to load",
+    ),
+    "torch.save of an object": (
+        lambda path, marker: torch.save(split(WritesMarker(marker), 1), path),
+        "refusing to load",
+    ),
+    "random bytes": (lambda path, marker: path.write_bytes(os.urandom(4096)), 'expected {"images"'),
     "empty file": (lambda path, marker: path.write_bytes(b""), "empty"),
     "missing file": (lambda path, marker: None, "no such file"),
-    "wrong keys": (lambda path, marker: torch.save({"x": torch.zeros(2, 784)}, path),
-                   "got ['x'], expected a mapping with keys ['images', 'labels']"),
-    "images 28x28": (lambda path, marker: torch.save(split(torch.zeros(3, 28, 28), torch.zeros(3, dtype=torch.int64)),
-                                                     path), "expected a 2-d torch.float32 tensor"),
-    "images float64": (lambda path, marker: torch.save(split(torch.zeros(3, 784, dtype=torch.float64),
-                                                             torch.zeros(3, dtype=torch.int64)), path),
-                       "images is torch.float64"),
-    "100 features": (lambda path, marker: torch.save(split(torch.zeros(3, 100), torch.zeros(3, dtype=torch.int64)),
-                                                     path), "expected [N, 784] and [N]"),
-    "label 37": (lambda path, marker: torch.save(split(torch.zeros(3, 784), torch.tensor([0, 37, 1])), path),
-                 "labels range from 0 to 37, expected 0 to 9"),
+    "wrong keys": (
+        lambda path, marker: torch.save({"x": torch.zeros(2, 784)}, path),
+        "got ['x'], expected a mapping with keys ['images', 'labels']",
+    ),
+    "images 28x28": (
+        lambda path, marker: torch.save(split(torch.zeros(3, 28, 28), torch.zeros(3, dtype=torch.int64)), path),
+        "expected a 2-d torch.float32 tensor",
+    ),
+    "images float64": (
+        lambda path, marker: torch.save(
+            split(torch.zeros(3, 784, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)), path
+        ),
+        "images is torch.float64",
+    ),
+    "100 features": (
+        lambda path, marker: torch.save(split(torch.zeros(3, 100), torch.zeros(3, dtype=torch.int64)), path),
+        "expected [N, 784] and [N]",
+    ),
+    "label 37": (
+        lambda path, marker: torch.save(split(torch.zeros(3, 784), torch.tensor([0, 37, 1])), path),
+        "labels range from 0 to 37, expected 0 to 9",
+    ),
 }
 
 
@@ -83,8 +99,10 @@ def saved_weights(hidden: tuple[int, ...]) -> dict:
 
 
 MODEL_FAULTS = {
-    "weights of another width": (lambda path, marker: torch.save(saved_weights((8,)), path),
-                                 "size mismatch for W1: copying a param with shape torch.Size([784, 8])"),
+    "weights of another width": (
+        lambda path, marker: torch.save(saved_weights((8,)), path),
+        "size mismatch for W1: copying a param with shape torch.Size([784, 8])",
+    ),
     "missing weights": (lambda path, marker: torch.save({"W1": torch.zeros(784, 16)}, path), "Missing key(s)"),
     "a pickle": (lambda path, marker: torch.save({"W1": WritesMarker(marker)}, path), "refusing to load"),
     "random bytes": (lambda path, marker: path.write_bytes(os.urandom(4096)), "expected a state dict"),

@@ -1,4 +1,5 @@
 """The training loop: same result as a plain reference loop, deterministic, divergence and resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import config, fused, model as mlp
-from pipeline.stages import train
-from pipeline.losses import LOSSES
+from pipeline import config, fused
+from pipeline import model as mlp
 from pipeline.errors import PipelineError
+from pipeline.losses import LOSSES
+from pipeline.stages import train
 from tests.conftest import REPO, make_split
 
 
@@ -20,6 +22,7 @@ def data():
     def flat(split):
         images, labels = split
         return images.reshape(len(images), -1).float() / 255, labels.long()
+
     return flat(make_split(512, seed=3)), flat(make_split(128, seed=4))
 
 
@@ -32,7 +35,7 @@ def reference_epoch(net, images, labels, order, batch_size, lr):
     """The plainest SGD loop: slice, forward, mean loss, backward, p -= lr * grad; summed losses and correct count."""
     losses, correct = [], 0
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         logits = net(images[batch])
         loss = F.cross_entropy(logits, labels[batch])
         net.zero_grad()
@@ -54,8 +57,9 @@ def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, 
     plain = mlp.build(impl, hidden, activation, 0.01, torch.Generator().manual_seed(0))
     optimizer = train.make_optimizer(params(impl=impl, activation=activation), fast)
     assert (optimizer is None) == (impl == "module" and activation == "relu")
-    step_losses, correct = train.train_epoch(fast, optimizer, images, labels, batch_size,
-                                             torch.Generator().manual_seed(5), lr=0.1)
+    step_losses, correct = train.train_epoch(
+        fast, optimizer, images, labels, batch_size, torch.Generator().manual_seed(5), lr=0.1
+    )
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
     expected_losses, expected_correct = reference_epoch(plain, images, labels, order, batch_size, 0.1)
     torch.testing.assert_close(step_losses, torch.tensor(expected_losses), rtol=1e-5, atol=1e-5)
@@ -66,8 +70,12 @@ def test_optimized_epoch_matches_a_plain_reference_loop(data, impl, activation, 
 
 def test_the_written_out_step_takes_only_plain_sgd_on_cross_entropy_with_the_module_relu_mlp():
     assert fused.applies("module", "relu", "sgd", "cross_entropy")
-    for settings in [("scratch", "relu", "sgd", "cross_entropy"), ("module", "tanh", "sgd", "cross_entropy"),
-                     ("module", "relu", "adam", "cross_entropy"), ("module", "relu", "sgd", "mse")]:
+    for settings in [
+        ("scratch", "relu", "sgd", "cross_entropy"),
+        ("module", "tanh", "sgd", "cross_entropy"),
+        ("module", "relu", "adam", "cross_entropy"),
+        ("module", "relu", "sgd", "mse"),
+    ]:
         assert not fused.applies(*settings), settings
     assert fused.relu_layers(mlp.build("scratch", (8,), "relu", 0.01)) is None
     assert fused.relu_layers(torch.nn.Sequential(torch.nn.Linear(784, 10))) is None
@@ -84,6 +92,7 @@ def test_scratch_trains_through_its_own_forward_relu_and_torch_optim_sgd(data, m
     def counting_forward(self, x):
         calls["forward"] += 1
         return original_forward(self, x)
+
     monkeypatch.setitem(mlp.SCRATCH_ACTIVATIONS, "relu", counting_relu)
     monkeypatch.setattr(mlp.ScratchMLP, "forward", counting_forward)
     steps = math.ceil(len(data[0][1]) / 64)
@@ -100,7 +109,9 @@ def test_same_seed_gives_identical_history_on_cpu(data):
 
 
 def test_other_seed_gives_another_history(data):
-    assert train.run(params(), 1, *data).history[0]["train_loss"] != train.run(params(), 2, *data).history[0]["train_loss"]
+    assert (
+        train.run(params(), 1, *data).history[0]["train_loss"] != train.run(params(), 2, *data).history[0]["train_loss"]
+    )
 
 
 @pytest.mark.parametrize("overrides", [{"lr": 1e4}, {"lr": 1e5}])
@@ -127,6 +138,7 @@ def test_interrupted_run_resumes_bit_identical(data, tmp_path):
     def stop_after_two(record):
         if record["epoch"] == 3:
             raise KeyboardInterrupt  # after epoch 2's checkpoint, before epoch 3's
+
     with pytest.raises(KeyboardInterrupt):
         train.run(params(epochs=4), 0, *data, checkpoint=checkpoint, report=stop_after_two)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
@@ -151,7 +163,6 @@ def test_cuda_without_cuda_is_a_clear_error():
 
 @pytest.mark.parametrize("loss", ["mse", "l1"])
 def test_probability_losses_train_and_match_their_definition(data, loss):
-    from pipeline.losses import LOSSES
 
     logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
     targets = F.one_hot(labels, 10).float()

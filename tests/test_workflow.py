@@ -1,4 +1,5 @@
 """The CI workflow: actionlint passes, and it runs what the README says."""
+
 from __future__ import annotations
 
 import shutil

@@ -4,12 +4,14 @@ On 1000 synthetic examples of y = Xw + b + noise (w = [2, -3.4], b = 4.2, noise 
 of batch 10 at lr 0.03 bring the loss to about 5e-5 (the noise floor, 0.01^2 / 2) and recover w and b
 to within about 1e-3 of the truth.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -17,8 +19,16 @@ from pydantic import Field
 from pipeline import cli, tracking
 from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
-from pipeline.params_file import (Count, NonNegativeNumber, Number, PositiveNumber, Seed, Text, load_section,
-                                  params_class)
+from pipeline.params_file import (
+    Count,
+    NonNegativeNumber,
+    Number,
+    PositiveNumber,
+    Seed,
+    Text,
+    load_section,
+    params_class,
+)
 
 PARAMS = Path("lessons/linreg/params.yaml")
 
@@ -45,8 +55,9 @@ class LinregResult:
     losses: list[float] = field(default_factory=list)  # mean squared loss on all examples after each epoch
 
 
-def synthetic_data(true_w: torch.Tensor, true_b: float, noise_std: float, examples: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_data(
+    true_w: torch.Tensor, true_b: float, noise_std: float, examples: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """d2l's synthetic_data: features ~ N(0, 1), labels = features @ w + b + N(0, noise_std^2)."""
     features = torch.randn(examples, len(true_w), generator=generator)
     labels = features @ true_w + true_b + noise_std * torch.randn(examples, generator=generator)
@@ -62,8 +73,15 @@ def squared_loss(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (predicted - labels) ** 2 / 2
 
 
-def sgd_epoch(w: torch.Tensor, b: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-              batch_size: int, lr: float, generator: torch.Generator) -> None:
+def sgd_epoch(
+    w: torch.Tensor,
+    b: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+) -> None:
     """One pass in random order, updating w and b in place by the mean gradient of each minibatch."""
     for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
         squared_loss(linreg(features[batch], w, b), labels[batch]).sum().backward()
@@ -93,9 +111,16 @@ def run(params: LinregParams, report: Callable[[int, float], None] = lambda epoc
 def summary(params: LinregParams, result: LinregResult, run_id: str) -> dict:
     """The final figures DVC tracks: recovered w and b, their absolute errors, the final loss."""
     w, b = result.w.detach().tolist(), result.b.item()
-    return {"w": w, "b": b, "true_w": list(params.true_w), "true_b": params.true_b,
-            "w_error": [abs(recovered - true) for recovered, true in zip(w, params.true_w)],
-            "b_error": abs(b - params.true_b), "final_loss": result.losses[-1], "mlflow_run_id": run_id}
+    return {
+        "w": w,
+        "b": b,
+        "true_w": list(params.true_w),
+        "true_b": params.true_b,
+        "w_error": [abs(recovered - true) for recovered, true in zip(w, params.true_w)],
+        "b_error": abs(b - params.true_b),
+        "final_loss": result.losses[-1],
+        "mlflow_run_id": run_id,
+    }
 
 
 def draw_fit(path: Path, result: LinregResult) -> None:
@@ -136,9 +161,14 @@ def main() -> None:
 
         result = run(linreg_params, report)
         metrics = summary(linreg_params, result, mlflow_run.info.run_id)
-        mlflow.log_metrics({"b": metrics["b"], "b_error": metrics["b_error"],
-                            **{f"w_{index}": value for index, value in enumerate(metrics["w"])},
-                            **{f"w_{index}_error": value for index, value in enumerate(metrics["w_error"])}})
+        mlflow.log_metrics(
+            {
+                "b": metrics["b"],
+                "b_error": metrics["b_error"],
+                **{f"w_{index}": value for index, value in enumerate(metrics["w"])},
+                **{f"w_{index}_error": value for index, value in enumerate(metrics["w_error"])},
+            }
+        )
         draw_fit(args.plot, result)
         mlflow.log_artifact(str(args.plot), "linreg")
         write_json(args.metrics, metrics)

@@ -4,15 +4,17 @@ On 3 arms of 100 points (angle noise 0.2), 500 full-batch Adam steps give the so
 about 0.55 train accuracy (chance is 0.33; straight boundaries cannot follow arms that wind through
 every sector), while MLPs with 64 hidden units reach about 0.99 with any of relu, sigmoid, tanh or leaky_relu.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,19 @@ from pipeline import cli, tracking
 from pipeline.cli import stage_entry
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.model import MODULE_ACTIVATIONS
-from pipeline.params_file import (Activation, Count, Integer, NonNegativeNumber, Number, PositiveNumber, Seed, Text,
-                                  distinct, load_section, params_class)
+from pipeline.params_file import (
+    Activation,
+    Count,
+    Integer,
+    NonNegativeNumber,
+    Number,
+    PositiveNumber,
+    Seed,
+    Text,
+    distinct,
+    load_section,
+    params_class,
+)
 
 PARAMS = Path("lessons/spiral/params.yaml")
 
@@ -36,12 +49,17 @@ class SpiralParams:
     points_per_class: Annotated[Integer, Field(ge=2, description="an integer >= 2")]
     noise: NonNegativeNumber
     test_fraction: Annotated[Number, Field(gt=0, lt=1, description="a number > 0 and < 1")]
-    activations: Annotated[tuple[Activation, ...], Field(min_length=1), AfterValidator(distinct),
-                           Field(description="a non-empty list without repeats")]
+    activations: Annotated[
+        tuple[Activation, ...],
+        Field(min_length=1),
+        AfterValidator(distinct),
+        Field(description="a non-empty list without repeats"),
+    ]
     hidden: Count
     lr: PositiveNumber
     steps: Count
     seed: Seed
+
 
 LINEAR = "linear"
 CURVE_POINTS = 20  # loss points per model sent to MLflow
@@ -64,8 +82,9 @@ class SpiralResult:
     models: dict[str, ModelResult]
 
 
-def make_spiral(classes: int, points_per_class: int, noise: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_spiral(
+    classes: int, points_per_class: int, noise: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cs231n's spiral: arm k has radius 0..1 and angle 4k..4k+4 radians plus N(0, noise^2)."""
     labels = torch.arange(classes).repeat_interleave(points_per_class)
     radius = torch.linspace(0, 1, points_per_class).repeat(classes)
@@ -90,8 +109,14 @@ def build_net(name: str, hidden: int, classes: int, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def adam_step(parameters: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]], step: int,
-              lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+def adam_step(
+    parameters: list[torch.Tensor],
+    moments: list[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
     """d2l 12.10's Adam, in place; moments holds each parameter's running mean of grad and of grad^2."""
     for parameter, (mean, square) in zip(parameters, moments):
         mean.mul_(betas[0]).add_(parameter.grad, alpha=1 - betas[0])
@@ -144,17 +169,31 @@ def run(params: SpiralParams) -> SpiralResult:
     for name in (LINEAR, *params.activations):
         net = build_net(name, params.hidden, params.classes, generator)
         losses = fit(net, result.train_points, result.train_labels, params.lr, params.steps)
-        result.models[name] = ModelResult(net, losses, accuracy(net, result.train_points, result.train_labels),
-                                          accuracy(net, result.test_points, result.test_labels))
+        result.models[name] = ModelResult(
+            net,
+            losses,
+            accuracy(net, result.train_points, result.train_labels),
+            accuracy(net, result.test_points, result.test_labels),
+        )
     return result
 
 
 def summary(result: SpiralResult, run_id: str) -> dict:
     """The final figures DVC tracks: each model's final loss and train and test accuracy."""
-    models = {name: {"final_loss": model.losses[-1], "train_accuracy": model.train_accuracy,
-                     "test_accuracy": model.test_accuracy} for name, model in result.models.items()}
-    return {"models": models, "train_examples": len(result.train_labels),
-            "test_examples": len(result.test_labels), "mlflow_run_id": run_id}
+    models = {
+        name: {
+            "final_loss": model.losses[-1],
+            "train_accuracy": model.train_accuracy,
+            "test_accuracy": model.test_accuracy,
+        }
+        for name, model in result.models.items()
+    }
+    return {
+        "models": models,
+        "train_examples": len(result.train_labels),
+        "test_examples": len(result.test_labels),
+        "mlflow_run_id": run_id,
+    }
 
 
 @one_thread()
@@ -182,9 +221,10 @@ def draw_regions(path: Path, result: SpiralResult) -> None:
         axes.imshow(predict_grid(model.net, low, high), origin="lower", extent=extent, alpha=0.35, **colors)
         axes.scatter(*result.train_points.T, c=result.train_labels, s=10, edgecolors="black", linewidths=0.3, **colors)
         axes.scatter(*result.test_points.T, c=result.test_labels, s=25, marker="x", **colors)
-        axes.set(title=f"{name}: train {model.train_accuracy:.2f}, test {model.test_accuracy:.2f}",
-                 xticks=[], yticks=[])
-    for axes in list(axes_grid.flat)[len(result.models):]:
+        axes.set(
+            title=f"{name}: train {model.train_accuracy:.2f}, test {model.test_accuracy:.2f}", xticks=[], yticks=[]
+        )
+    for axes in list(axes_grid.flat)[len(result.models) :]:
         axes.set_axis_off()
     figure.tight_layout()
     write_png(path, figure)
@@ -196,9 +236,11 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{name}_loss", model.losses[step - 1], now, step)
-               for name, model in result.models.items()
-               for step in range(1, len(model.losses) + 1, max(1, len(model.losses) // CURVE_POINTS))]
+    metrics = [
+        Metric(f"{name}_loss", model.losses[step - 1], now, step)
+        for name, model in result.models.items()
+        for step in range(1, len(model.losses) + 1, max(1, len(model.losses) // CURVE_POINTS))
+    ]
     MlflowClient().log_batch(run_id, metrics=metrics)
 
 
@@ -216,8 +258,11 @@ def main() -> None:
         result = run(spiral_params)
         metrics = summary(result, mlflow_run.info.run_id)
         for name, figures in metrics["models"].items():
-            print(f"{name:>10}: final loss {figures['final_loss']:.4f}  train acc {figures['train_accuracy']:.4f}  "
-                  f"test acc {figures['test_accuracy']:.4f}", flush=True)
+            print(
+                f"{name:>10}: final loss {figures['final_loss']:.4f}  train acc {figures['train_accuracy']:.4f}  "
+                f"test acc {figures['test_accuracy']:.4f}",
+                flush=True,
+            )
             mlflow.log_metrics({f"{name}_{key}": value for key, value in figures.items()})
         log_curves(result, mlflow_run.info.run_id)
         draw_regions(args.plot, result)

@@ -6,6 +6,7 @@ Every source is bounded: an HTTP source must send the file within data.timeout_s
 data.min_kbytes_per_s, and no source may give more bytes than the file has, compressed or decompressed
 (so a trickling mirror, an endless body or a gzip bomb is skipped like any bad source).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,21 +31,22 @@ class SourceError(PipelineError):
     """A source that could not give a file: missing, unreachable, stalled, or cut short."""
 
 
-def run(spec: DatasetSpec, out_dir: Path, timeout_s: float,
-        min_kbytes_per_s: float = DEFAULT_MIN_KBYTES_PER_S) -> dict[str, dict]:
+def run(
+    spec: DatasetSpec, out_dir: Path, timeout_s: float, min_kbytes_per_s: float = DEFAULT_MIN_KBYTES_PER_S
+) -> dict[str, dict]:
     """Write the verified files to `out_dir`; return kind -> {file, source, sha256, bytes}."""
     records = {}
     with atomic_dir(out_dir) as temp:
         for kind, filename in FILE_KINDS.items():
             data, source = fetch_verified(spec, kind, timeout_s, min_kbytes_per_s)
             (temp / filename).write_bytes(data)
-            records[kind] = {"file": filename, "source": source,
-                             "sha256": spec.sha256[kind], "bytes": len(data)}
+            records[kind] = {"file": filename, "source": source, "sha256": spec.sha256[kind], "bytes": len(data)}
     return records
 
 
-def fetch_verified(spec: DatasetSpec, kind: str, timeout_s: float,
-                   min_kbytes_per_s: float = DEFAULT_MIN_KBYTES_PER_S) -> tuple[bytes, str]:
+def fetch_verified(
+    spec: DatasetSpec, kind: str, timeout_s: float, min_kbytes_per_s: float = DEFAULT_MIN_KBYTES_PER_S
+) -> tuple[bytes, str]:
     """The decompressed, verified bytes of one file, from the first source that has them."""
     filename, failures = FILE_KINDS[kind], []
     max_bytes = idx.max_file_bytes(spec.counts, kind)
@@ -147,9 +149,11 @@ class Body:
         if self.received > self.max_bytes:
             raise SourceError(f"{self.url}: more than {self.max_bytes} bytes, expected at most {self.max_bytes}")
         if time.monotonic() > self.deadline:
-            raise SourceError(f"{self.url}: too slow, {self.received} bytes in {time.monotonic() - self.started:.1f} s, "
-                              f"past its {self.deadline - self.started:.1f} s (data.timeout_s + the file's size "
-                              "at data.min_kbytes_per_s)")
+            raise SourceError(
+                f"{self.url}: too slow, {self.received} bytes in {time.monotonic() - self.started:.1f} s, "
+                f"past its {self.deadline - self.started:.1f} s (data.timeout_s + the file's size "
+                "at data.min_kbytes_per_s)"
+            )
 
     def data(self) -> bytes:
         return b"".join(self.chunks)
@@ -170,8 +174,7 @@ class Progress:
             self.shown = percent
             rate = received / max(time.monotonic() - self.started, 1e-6) / 1e6
             end = "\r" if sys.stderr.isatty() and percent < 100 else "\n"
-            print(f"{self.url}: {percent:3d}% of {self.total / 1e6:.1f} MB, {rate:.1f} MB/s",
-                  end=end, file=sys.stderr)
+            print(f"{self.url}: {percent:3d}% of {self.total / 1e6:.1f} MB, {rate:.1f} MB/s", end=end, file=sys.stderr)
 
 
 @stage_entry
@@ -188,15 +191,27 @@ def main() -> None:
     with tracking.stage_run("download", params.mlflow.experiment) as mlflow_run:
         import mlflow
 
-        mlflow.log_params({"dataset": spec.name, "sources": " ".join(spec.sources)[:6000],
-                           "timeout_s": params.data.timeout_s, "min_kbytes_per_s": params.data.min_kbytes_per_s})
+        mlflow.log_params(
+            {
+                "dataset": spec.name,
+                "sources": " ".join(spec.sources)[:6000],
+                "timeout_s": params.data.timeout_s,
+                "min_kbytes_per_s": params.data.min_kbytes_per_s,
+            }
+        )
         started = time.monotonic()
         records = run(spec, args.out, params.data.timeout_s, params.data.min_kbytes_per_s)
         for kind, record in records.items():
-            mlflow.log_params({f"{kind}.source": record["source"], f"{kind}.sha256": record["sha256"],
-                               f"{kind}.bytes": record["bytes"]})
-        mlflow.log_metrics({"seconds": time.monotonic() - started,
-                            "bytes": sum(record["bytes"] for record in records.values())})
+            mlflow.log_params(
+                {
+                    f"{kind}.source": record["source"],
+                    f"{kind}.sha256": record["sha256"],
+                    f"{kind}.bytes": record["bytes"],
+                }
+            )
+        mlflow.log_metrics(
+            {"seconds": time.monotonic() - started, "bytes": sum(record["bytes"] for record in records.values())}
+        )
         mlflow.log_dict(records, "download.json")
         write_json(args.record, {"mlflow_run_id": mlflow_run.info.run_id, "files": records})
 

@@ -5,6 +5,7 @@ d2l's train_ch3 asserts train loss < 0.5 and train and test accuracy > 0.7 and d
 AssertionError when they fail (as unscaled init does); here each gate is reported as pass or fail per seed,
 with the fraction of seeds that pass it. No choice is made here: compare chooses on validation figures.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import cli, config, model as mlp, stats
+from pipeline import cli, config, stats
+from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.datasets import class_names
 from pipeline.files import pyplot, read_json, write_json, write_png
@@ -29,26 +31,39 @@ def run(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: int
     predicted = logits.argmax(1)
     confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
     rows = confusion.tolist()
-    return {"test_loss": LOSSES[loss](logits, labels).item(),
-            "test_accuracy": (predicted == labels).sum().item() / len(labels),
-            "per_class_accuracy": [row[index] / max(sum(row), 1) for index, row in enumerate(rows)],
-            "confusion": rows}
+    return {
+        "test_loss": LOSSES[loss](logits, labels).item(),
+        "test_accuracy": (predicted == labels).sum().item() / len(labels),
+        "per_class_accuracy": [row[index] / max(sum(row), 1) for index, row in enumerate(rows)],
+        "confusion": rows,
+    }
 
 
 def gates(train_metrics: dict, test_accuracy: float | None, thresholds: config.EvaluateParams) -> dict:
     """d2l's train_ch3 assertions as pass/fail; a missing value (diverged run) fails its gate."""
-    checks = {"train_loss": (train_metrics.get("train_loss"), "<", thresholds.max_train_loss),
-              "train_accuracy": (train_metrics.get("train_accuracy"), ">", thresholds.min_train_accuracy),
-              "test_accuracy": (test_accuracy, ">", thresholds.min_test_accuracy)}
-    return {name: {"value": value, "threshold": f"{op} {limit}",
-                   "passed": value is not None and (value < limit if op == "<" else limit < value <= 1)}
-            for name, (value, op, limit) in checks.items()}
+    checks = {
+        "train_loss": (train_metrics.get("train_loss"), "<", thresholds.max_train_loss),
+        "train_accuracy": (train_metrics.get("train_accuracy"), ">", thresholds.min_train_accuracy),
+        "test_accuracy": (test_accuracy, ">", thresholds.min_test_accuracy),
+    }
+    return {
+        name: {
+            "value": value,
+            "threshold": f"{op} {limit}",
+            "passed": value is not None and (value < limit if op == "<" else limit < value <= 1),
+        }
+        for name, (value, op, limit) in checks.items()
+    }
 
 
 def confusion_records(confusion: list[list[int]], names: tuple[str, ...]) -> list[dict]:
     """One {actual, predicted} row per test image: the shape `dvc plots`' confusion template reads."""
-    return [{"actual": names[actual], "predicted": names[predicted]}
-            for actual, row in enumerate(confusion) for predicted, count in enumerate(row) for _ in range(count)]
+    return [
+        {"actual": names[actual], "predicted": names[predicted]}
+        for actual, row in enumerate(confusion)
+        for predicted, count in enumerate(row)
+        for _ in range(count)
+    ]
 
 
 def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[str, ...], title: str) -> None:
@@ -66,8 +81,15 @@ def draw_confusion(path: Path, confusion: list[list[int]] | None, names: tuple[s
         axes.set_yticklabels(names)
         for actual, row in enumerate(confusion):
             for predicted, count in enumerate(row):
-                axes.text(predicted, actual, count, ha="center", va="center", fontsize=7,
-                          color="white" if count > max(map(max, confusion)) / 2 else "black")
+                axes.text(
+                    predicted,
+                    actual,
+                    count,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if count > max(map(max, confusion)) / 2 else "black",
+                )
     axes.set_title(title)
     figure.tight_layout()
     write_png(path, figure)
@@ -92,8 +114,11 @@ def main() -> None:
     loss = params.variant(args.variant).loss
     per_seed = {}
     for seed, figures in trained["per_seed"].items():
-        result = None if figures["diverged"] else run(mlp.load(args.models / f"seed-{seed}.pt"), images, labels,
-                                                      len(names), loss)
+        result = (
+            None
+            if figures["diverged"]
+            else run(mlp.load(args.models / f"seed-{seed}.pt"), images, labels, len(names), loss)
+        )
         per_seed[seed] = seed_report(figures, result, params.evaluate)
     report = summarize(args.variant, trained, per_seed)
     log_and_write(args, params, trained, report, names)
@@ -102,10 +127,14 @@ def main() -> None:
 def seed_report(train_figures: dict, result: dict | None, thresholds: config.EvaluateParams) -> dict:
     """One seed's test figures and its gates."""
     seed_gates = gates(train_figures, result and result["test_accuracy"], thresholds)
-    return {"test_loss": result and result["test_loss"], "test_accuracy": result and result["test_accuracy"],
-            "per_class_accuracy": result["per_class_accuracy"] if result else None,
-            "confusion": result["confusion"] if result else None,
-            "gates": seed_gates, "passed": all(gate["passed"] for gate in seed_gates.values())}
+    return {
+        "test_loss": result and result["test_loss"],
+        "test_accuracy": result and result["test_accuracy"],
+        "per_class_accuracy": result["per_class_accuracy"] if result else None,
+        "confusion": result["confusion"] if result else None,
+        "gates": seed_gates,
+        "passed": all(gate["passed"] for gate in seed_gates.values()),
+    }
 
 
 def summarize(variant: str, trained: dict, per_seed: dict[str, dict]) -> dict:
@@ -113,30 +142,45 @@ def summarize(variant: str, trained: dict, per_seed: dict[str, dict]) -> dict:
     accuracies = [seed["test_accuracy"] for seed in per_seed.values()]
     accuracy_mean, accuracy_std = stats.mean_and_std(accuracies)
     loss_mean, loss_std = stats.mean_and_std([seed["test_loss"] for seed in per_seed.values()])
-    interval = stats.t_interval([value for value in accuracies if value is not None]) if None not in accuracies else None
+    interval = (
+        stats.t_interval([value for value in accuracies if value is not None]) if None not in accuracies else None
+    )
     gate_names = next(iter(per_seed.values()))["gates"]
     model_seed = trained.get("mlflow_model_seed")
-    return {"variant": variant, "seeds": trained["seeds"],
-            "test_accuracy_mean": accuracy_mean, "test_accuracy_std": accuracy_std,
-            "test_accuracy_ci95": list(interval) if interval else None,
-            "test_loss_mean": loss_mean, "test_loss_std": loss_std,
-            "gate_pass_fraction": {name: sum(seed["gates"][name]["passed"] for seed in per_seed.values()) / len(per_seed)
-                                   for name in gate_names},
-            "passed_fraction": sum(seed["passed"] for seed in per_seed.values()) / len(per_seed),
-            "passed": all(seed["passed"] for seed in per_seed.values()),
-            "model_seed": model_seed,
-            "model_seed_test_accuracy": per_seed[str(model_seed)]["test_accuracy"] if model_seed is not None else None,
-            "per_seed": {seed: {key: value for key, value in figures.items() if key != "confusion"}
-                         for seed, figures in per_seed.items()},
-            "_confusion": per_seed[str(model_seed)]["confusion"] if model_seed is not None else None}
+    return {
+        "variant": variant,
+        "seeds": trained["seeds"],
+        "test_accuracy_mean": accuracy_mean,
+        "test_accuracy_std": accuracy_std,
+        "test_accuracy_ci95": list(interval) if interval else None,
+        "test_loss_mean": loss_mean,
+        "test_loss_std": loss_std,
+        "gate_pass_fraction": {
+            name: sum(seed["gates"][name]["passed"] for seed in per_seed.values()) / len(per_seed)
+            for name in gate_names
+        },
+        "passed_fraction": sum(seed["passed"] for seed in per_seed.values()) / len(per_seed),
+        "passed": all(seed["passed"] for seed in per_seed.values()),
+        "model_seed": model_seed,
+        "model_seed_test_accuracy": per_seed[str(model_seed)]["test_accuracy"] if model_seed is not None else None,
+        "per_seed": {
+            seed: {key: value for key, value in figures.items() if key != "confusion"}
+            for seed, figures in per_seed.items()
+        },
+        "_confusion": per_seed[str(model_seed)]["confusion"] if model_seed is not None else None,
+    }
 
 
 def dvc_metrics(trained: dict, report: dict) -> dict:
     """The few numbers `dvc metrics diff` and `dvc exp show` list per variant (means over the seeds)."""
     aggregate = trained["aggregate"]
-    return {"val_acc": _round(aggregate["validation_accuracy_mean"]), "test_acc": _round(report["test_accuracy_mean"]),
-            "test_acc_std": _round(report["test_accuracy_std"]), "train_loss": _round(aggregate["train_loss_mean"]),
-            "gates": report["passed_fraction"]}
+    return {
+        "val_acc": _round(aggregate["validation_accuracy_mean"]),
+        "test_acc": _round(report["test_accuracy_mean"]),
+        "test_acc_std": _round(report["test_accuracy_std"]),
+        "train_loss": _round(aggregate["train_loss_mean"]),
+        "gates": report["passed_fraction"],
+    }
 
 
 def _round(value: float | None) -> float | None:
@@ -155,11 +199,19 @@ def log_and_write(args, params: config.Params, trained: dict, report: dict, name
         for seed, figures in report["per_seed"].items():
             client.log_batch(trained["per_seed"][seed]["mlflow_run_id"], metrics=seed_metrics(figures, names))
             client.set_tag(trained["per_seed"][seed]["mlflow_run_id"], "gates", "pass" if figures["passed"] else "fail")
-        mlflow.log_metrics({key: value for key, value in {
-            "test_accuracy_mean": report["test_accuracy_mean"], "test_accuracy_std": report["test_accuracy_std"],
-            "test_loss_mean": report["test_loss_mean"], "gates_passed_fraction": report["passed_fraction"],
-            **{f"gate_{name}_pass_fraction": value for name, value in report["gate_pass_fraction"].items()},
-        }.items() if value is not None})
+        mlflow.log_metrics(
+            {
+                key: value
+                for key, value in {
+                    "test_accuracy_mean": report["test_accuracy_mean"],
+                    "test_accuracy_std": report["test_accuracy_std"],
+                    "test_loss_mean": report["test_loss_mean"],
+                    "gates_passed_fraction": report["passed_fraction"],
+                    **{f"gate_{name}_pass_fraction": value for name, value in report["gate_pass_fraction"].items()},
+                }.items()
+                if value is not None
+            }
+        )
         mlflow.set_tag("gates", "pass" if report["passed"] else "fail")
         title = f"{args.variant}: confusion matrix (test), seed {report['model_seed']}"
         draw_confusion(args.confusion_png, confusion, names, title)
@@ -169,9 +221,11 @@ def log_and_write(args, params: config.Params, trained: dict, report: dict, name
         write_json(args.confusion, confusion_records(confusion, names) if confusion else [])
         write_json(args.report, report)
         write_json(args.metrics, dvc_metrics(trained, report))
-    print(f"{args.variant}: test accuracy {_format(report['test_accuracy_mean'])} "
-          f"± {_format(report['test_accuracy_std'])} over seeds {report['seeds']}; gates pass for "
-          f"{report['passed_fraction']:.0%} of seeds")
+    print(
+        f"{args.variant}: test accuracy {_format(report['test_accuracy_mean'])} "
+        f"± {_format(report['test_accuracy_std'])} over seeds {report['seeds']}; gates pass for "
+        f"{report['passed_fraction']:.0%} of seeds"
+    )
 
 
 def seed_metrics(figures: dict, names: tuple[str, ...]) -> list:
@@ -182,8 +236,12 @@ def seed_metrics(figures: dict, names: tuple[str, ...]) -> list:
     values["gates_passed"] = float(figures["passed"])
     if figures["test_accuracy"] is not None:
         values.update(test_loss=figures["test_loss"], test_accuracy=figures["test_accuracy"])
-        values.update({f"class_accuracy_{name.replace(' ', '_').replace('-', '_')}": value
-                       for name, value in zip(names, figures["per_class_accuracy"])})
+        values.update(
+            {
+                f"class_accuracy_{name.replace(' ', '_').replace('-', '_')}": value
+                for name, value in zip(names, figures["per_class_accuracy"])
+            }
+        )
     return [Metric(key, value, now, 0) for key, value in values.items()]
 
 

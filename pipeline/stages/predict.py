@@ -4,18 +4,19 @@
 dark or a light background; each is made to look like a Fashion-MNIST image (28 x 28 gray, light garment on
 black) before the model sees it. Not a DVC stage: it reads params.yaml only for the registered model's name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import config
-from pipeline.errors import PipelineError, stage_entry
+from pipeline import cli, config, tracking
+from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 
 SIDE = 28
 TOP = 3
-CHAMPION_ALIAS = "champion"  # what pipeline/compare.py registers; compare is a stage, so not imported
 FORMATS = ("PNG", "JPEG")
 
 
@@ -50,8 +51,9 @@ def _to_dataset_size(image: object) -> np.ndarray:
     height, width = gray.shape[-2:]
     side = max(height, width)
     left, top = (side - width) // 2, (side - height) // 2
-    square = v2.functional.pad(gray, [left, top, side - width - left, side - height - top],
-                               fill=round(float(np.mean(_border(gray[0])))))
+    square = v2.functional.pad(
+        gray, [left, top, side - width - left, side - height - top], fill=round(float(np.mean(_border(gray[0]))))
+    )
     return v2.Compose([v2.Resize((SIDE, SIDE), antialias=True), v2.ToDtype(torch.uint8)])(square)[0].numpy()
 
 
@@ -70,8 +72,10 @@ def run(images: list[Path], model_uri: str) -> list[list[tuple[str, float]]]:
     batch = np.stack([load_image(path) for path in images])  # every file is checked before the slow model load
     model = load_model(model_uri)
     names = model.model_config["class_names"]
-    return [sorted(zip(names, probabilities), key=lambda pair: -pair[1])[:TOP]
-            for probabilities in model.predict(batch)["probabilities"]]
+    return [
+        sorted(zip(names, probabilities), key=lambda pair: -pair[1])[:TOP]
+        for probabilities in model.predict(batch)["probabilities"]
+    ]
 
 
 def load_model(model_uri: str) -> object:
@@ -79,14 +83,13 @@ def load_model(model_uri: str) -> object:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
-
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:
-        raise PipelineError(f"cannot load model {model_uri} from {tracking.tracking_uri()}: "
-                            f"{_first_line(error)}") from None
+        raise PipelineError(
+            f"cannot load model {model_uri} from {tracking.tracking_uri()}: {_first_line(error)}"
+        ) from None
     if "class_names" not in model.model_config:
         raise PipelineError(f"{model_uri} takes no raw images: it was not logged by pipeline.serving.log_model")
     return model
@@ -99,11 +102,11 @@ def _first_line(error: BaseException) -> str:
 
 @stage_entry
 def main() -> None:
-    parser = config.stage_parser(__doc__)
+    parser = cli.stage_parser(__doc__)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     parser.add_argument("--model", help="model URI (default: models:/<mlflow.registered_model>@champion)")
     args = parser.parse_args()
-    model_uri = args.model or f"models:/{config.load(args.params).mlflow.registered_model}@{CHAMPION_ALIAS}"
+    model_uri = args.model or f"models:/{config.load(args.params).mlflow.registered_model}@{tracking.CHAMPION_ALIAS}"
     for path, top in zip(args.images, run(args.images, model_uri)):
         print(f"{path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in top))
 

@@ -5,6 +5,7 @@ run, step=epoch): train loss and accuracy, and validation loss and accuracy (the
 A non-finite loss stops that seed and is recorded as diverged: no model is saved for it, and the pipeline goes
 on. With d2l's settings (10 epochs, lr 0.1, batch 256, N(0, 0.01) init) accuracy reaches about 0.85.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,15 +16,16 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import cli, config, cpu, fused, model as mlp
+from pipeline import cli, config, cpu, fused
+from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, read_json, write_json, write_text
@@ -52,8 +54,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device(next(device for device in ("cuda", "mps", "cpu") if available[device]))
     if not available[name]:
-        raise PipelineError(f"train.device: got {name!r}, but this machine has no {name} device "
-                            f"(torch {torch.__version__}); expected auto or cpu")
+        raise PipelineError(
+            f"train.device: got {name!r}, but this machine has no {name} device "
+            f"(torch {torch.__version__}); expected auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -61,14 +65,25 @@ def make_optimizer(params: config.TrainParams, net: nn.Module) -> torch.optim.Op
     """None where the written-out SGD step runs (fused.py); torch.optim otherwise, as d2l writes it."""
     if fused.applies(params.impl, params.activation, params.optimizer, params.loss):
         return None
-    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-                  "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+    optimizers = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adagrad": torch.optim.Adagrad,
+        "rmsprop": torch.optim.RMSprop,
+    }
     return optimizers[params.optimizer](net.parameters(), lr=params.lr)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer | None, images: torch.Tensor,
-                labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-                loss_function: LossFunction = F.cross_entropy, lr: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    loss_function: LossFunction = F.cross_entropy,
+    lr: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass in random order; returns per-step summed losses and the correct count, both on the device."""
     if optimizer is None:  # d2l's case, without autograd: same maths, fewer calls
         return fused.sgd_epoch(model, lr, images, labels, batch_size, generator)
@@ -92,8 +107,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer | None, image
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 10000,
-             loss_function: LossFunction = F.cross_entropy) -> tuple[float | None, float | None]:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 10000,
+    loss_function: LossFunction = F.cross_entropy,
+) -> tuple[float | None, float | None]:
     """Mean loss and accuracy, without autograd; None for an empty split (validation: 0)."""
     if len(labels) == 0:
         return None, None
@@ -107,14 +127,21 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return loss.item() / len(labels), correct.item() / len(labels)
 
 
-def run(params: config.TrainParams, seed: int, train_data: Split, validation_data: Split,
-        checkpoint: Path | None = None, report: Callable[[dict], None] = lambda record: None) -> TrainResult:
+def run(
+    params: config.TrainParams,
+    seed: int,
+    train_data: Split,
+    validation_data: Split,
+    checkpoint: Path | None = None,
+    report: Callable[[dict], None] = lambda record: None,
+) -> TrainResult:
     """Train one seed for params.epochs (resuming from `checkpoint` when it matches); stop early on divergence."""
     device = resolve_device(params.device)
     torch.manual_seed(seed)
     # Initial weights come from a CPU generator: the same seed gives the same start on any device.
-    net = mlp.build(params.impl, params.hidden, params.activation, params.init_std,
-                    torch.Generator().manual_seed(seed)).to(device)
+    net = mlp.build(
+        params.impl, params.hidden, params.activation, params.init_std, torch.Generator().manual_seed(seed)
+    ).to(device)
     optimizer = make_optimizer(params, net)
     shuffle = torch.Generator(device=device).manual_seed(seed)
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
@@ -125,18 +152,25 @@ def run(params: config.TrainParams, seed: int, train_data: Split, validation_dat
     loss_function = LOSSES[params.loss]
     for epoch in range(start + 1, params.epochs + 1):
         started = time.perf_counter()
-        step_losses, correct = train_epoch(net, optimizer, train_images, train_labels, params.batch_size, shuffle,
-                                           loss_function, params.lr)
+        step_losses, correct = train_epoch(
+            net, optimizer, train_images, train_labels, params.batch_size, shuffle, loss_function, params.lr
+        )
         losses = step_losses.tolist()  # the one sync of the epoch
         bad_step = next((step for step, value in enumerate(losses) if not math.isfinite(value)), None)
         if bad_step is not None:
             result.diverged = {"epoch": epoch, "step": bad_step + 1, "loss": str(losses[bad_step])}
             break
-        validation_loss, validation_accuracy = evaluate(net, validation_images, validation_labels,
-                                                        loss_function=loss_function)
-        record = {"epoch": epoch, "train_loss": sum(losses) / len(train_labels),
-                  "train_accuracy": correct.item() / len(train_labels), "validation_loss": validation_loss,
-                  "validation_accuracy": validation_accuracy, "seconds": time.perf_counter() - started}
+        validation_loss, validation_accuracy = evaluate(
+            net, validation_images, validation_labels, loss_function=loss_function
+        )
+        record = {
+            "epoch": epoch,
+            "train_loss": sum(losses) / len(train_labels),
+            "train_accuracy": correct.item() / len(train_labels),
+            "validation_loss": validation_loss,
+            "validation_accuracy": validation_accuracy,
+            "seconds": time.perf_counter() - started,
+        }
         result.history.append(record)
         report(record)
         if checkpoint is not None:
@@ -155,18 +189,36 @@ def _fingerprint(params: config.TrainParams, seed: int, *splits: Split) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, fingerprint: str, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    shuffle: torch.Generator, history: list[dict]) -> None:
+def save_checkpoint(
+    path: Path,
+    fingerprint: str,
+    epoch: int,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    shuffle: torch.Generator,
+    history: list[dict],
+) -> None:
     from pipeline.files import write_torch
 
-    state = {"fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
-             "optimizer": optimizer.state_dict() if optimizer else {}, "shuffle": shuffle.get_state(),
-             "history": history}
+    state = {
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else {},
+        "shuffle": shuffle.get_state(),
+        "history": history,
+    }
     write_torch(path, state)
 
 
-def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch.optim.Optimizer | None,
-           shuffle: torch.Generator, history: list[dict]) -> int:
+def resume(
+    path: Path | None,
+    fingerprint: str,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    shuffle: torch.Generator,
+    history: list[dict],
+) -> int:
     """Load a matching checkpoint (tensors only) and return its epoch; 0 when there is none to resume."""
     if path is None or not path.exists():
         return 0
@@ -190,10 +242,14 @@ def resume(path: Path | None, fingerprint: str, net: nn.Module, optimizer: torch
 def seed_summary(result: TrainResult) -> dict:
     """One seed's final figures; null where a diverged run has none."""
     last = result.history[-1] if result.history else {}
-    return {"diverged": result.diverged is not None, "diverged_epoch": (result.diverged or {}).get("epoch"),
-            "diverged_step": (result.diverged or {}).get("step"), "epochs_completed": len(result.history),
-            **{key: last.get(key) for key in HISTORY_COLUMNS[1:5]},
-            "train_seconds": sum(record["seconds"] for record in result.history)}
+    return {
+        "diverged": result.diverged is not None,
+        "diverged_epoch": (result.diverged or {}).get("epoch"),
+        "diverged_step": (result.diverged or {}).get("step"),
+        "epochs_completed": len(result.history),
+        **{key: last.get(key) for key in HISTORY_COLUMNS[1:5]},
+        "train_seconds": sum(record["seconds"] for record in result.history),
+    }
 
 
 def best_seed(results: list[TrainResult]) -> TrainResult | None:
@@ -226,10 +282,16 @@ def _csv_number(value: float | None) -> str:
 
 
 def print_epoch(seed: int, record: dict) -> None:
-    validation = ("" if record["validation_accuracy"] is None else
-                  f"  validation loss {record['validation_loss']:.4f}  validation acc {record['validation_accuracy']:.4f}")
-    print(f"seed {seed}  epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
-          f"train acc {record['train_accuracy']:.4f}{validation}  {record['seconds']:.2f} s", flush=True)
+    validation = (
+        ""
+        if record["validation_accuracy"] is None
+        else f"  validation loss {record['validation_loss']:.4f}  validation acc {record['validation_accuracy']:.4f}"
+    )
+    print(
+        f"seed {seed}  epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
+        f"train acc {record['train_accuracy']:.4f}{validation}  {record['seconds']:.2f} s",
+        flush=True,
+    )
 
 
 @stage_entry
@@ -237,11 +299,15 @@ def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and validation.pt")
-    parser.add_argument("--stats", type=Path, required=True, help="prepare's JSON (normalization, for the MLflow model)")
+    parser.add_argument(
+        "--stats", type=Path, required=True, help="prepare's JSON (normalization, for the MLflow model)"
+    )
     parser.add_argument("--models", type=Path, required=True, help="directory for seed-<s>.pt and seed-<s>.json")
     parser.add_argument("--summary", type=Path, required=True, help="JSON: per-seed figures and MLflow run ids")
     parser.add_argument("--history", type=Path, required=True, help="CSV, one row per epoch (mean and std over seeds)")
-    parser.add_argument("--checkpoints", type=Path, help="directory of resumable state, removed once the stage succeeds")
+    parser.add_argument(
+        "--checkpoints", type=Path, help="directory of resumable state, removed once the stage succeeds"
+    )
     args = parser.parse_args()
     params = config.load(args.params)
     train_params = params.variant(args.variant)
@@ -250,21 +316,28 @@ def main() -> None:
     train_logged(args, params, train_params, train_data, validation_data)
 
 
-def train_logged(args, params: config.Params, train_params: config.TrainParams, train_data: Split,
-                 validation_data: Split) -> None:
+def train_logged(
+    args, params: config.Params, train_params: config.TrainParams, train_data: Split, validation_data: Split
+) -> None:
     """Every seed in its own nested MLflow run under the variant's run; then the DVC outputs."""
     from pipeline import tracking
 
     with tracking.stage_run("train", params.mlflow.experiment, variant=args.variant) as parent:
         import mlflow
 
-        mlflow.log_params({**dataclasses.asdict(train_params), "variant": args.variant, "dataset": params.data.dataset,
-                           "normalize": params.prepare.normalize, "validation": params.prepare.validation})
+        mlflow.log_params(
+            {
+                **dataclasses.asdict(train_params),
+                "variant": args.variant,
+                "dataset": params.data.dataset,
+                "normalize": params.prepare.normalize,
+                "validation": params.prepare.validation,
+            }
+        )
         digest = tracking.dvc_hash(args.data) or "unknown"
         for context in ("train", "validation"):
             tracking.log_dataset(args.data / f"{context}.pt", f"{params.data.dataset}-{context}", digest, context)
-        results = [train_seed(args, train_params, seed, train_data, validation_data)
-                   for seed in train_params.seeds]
+        results = [train_seed(args, train_params, seed, train_data, validation_data) for seed in train_params.seeds]
         summary = summarize(args.variant, results, parent.info.run_id)
         mlflow.log_metrics({key: value for key, value in summary["aggregate"].items() if value is not None})
         with atomic_dir(args.models) as temp:  # the model files first: a full disk fails here, with our message
@@ -275,8 +348,9 @@ def train_logged(args, params: config.Params, train_params: config.TrainParams, 
         best = best_seed(results)
         if best is not None:
             summary["mlflow_model_seed"] = best.seed
-            summary["mlflow_model_uri"] = log_model(best.model, train_params, read_json(args.stats),
-                                                     params.data.dataset)
+            summary["mlflow_model_uri"] = log_model(
+                best.model, train_params, read_json(args.stats), params.data.dataset
+            )
         write_json(args.summary, summary)
     if args.checkpoints is not None:
         for result in results:
@@ -289,14 +363,17 @@ def train_seed(args, params: config.TrainParams, seed: int, train_data: Split, v
 
     from pipeline import tracking
 
-    with tracking.child_run(f"train@{args.variant} seed {seed}", {**tracking.lineage_tags("train", args.variant),
-                                                                    "seed": str(seed)}) as child:
+    with tracking.child_run(
+        f"train@{args.variant} seed {seed}", {**tracking.lineage_tags("train", args.variant), "seed": str(seed)}
+    ) as child:
         mlflow.log_params({"seed": seed, "variant": args.variant})
 
         def report(record: dict) -> None:
             print_epoch(seed, record)
-            mlflow.log_metrics({key: value for key, value in record.items() if key != "epoch" and value is not None},
-                               step=record["epoch"])
+            mlflow.log_metrics(
+                {key: value for key, value in record.items() if key != "epoch" and value is not None},
+                step=record["epoch"],
+            )
 
         checkpoint = args.checkpoints / f"seed-{seed}.pt" if args.checkpoints else None
         with cpu.shared_threads():
@@ -304,8 +381,10 @@ def train_seed(args, params: config.TrainParams, seed: int, train_data: Split, v
         mlflow.set_tags({"device": result.device, "diverged": str(result.diverged is not None).lower()})
         if result.diverged:
             mlflow.set_tags({"diverged_epoch": result.diverged["epoch"], "diverged_step": result.diverged["step"]})
-            print(f"seed {seed} diverged: non-finite loss ({result.diverged['loss']}) at epoch "
-                  f"{result.diverged['epoch']}, step {result.diverged['step']}; no model saved")
+            print(
+                f"seed {seed} diverged: non-finite loss ({result.diverged['loss']}) at epoch "
+                f"{result.diverged['epoch']}, step {result.diverged['step']}; no model saved"
+            )
         mlflow.log_metric("diverged", float(result.diverged is not None))
         result.run_id = child.info.run_id
     return result
@@ -319,9 +398,17 @@ def summarize(variant: str, results: list[TrainResult], run_id: str) -> dict:
         aggregate[f"{name}_mean"], aggregate[f"{name}_std"] = mean_and_std([seed[name] for seed in seeds.values()])
     aggregate["diverged_seeds"] = sum(seed["diverged"] for seed in seeds.values())
     aggregate["train_seconds"] = sum(seed["train_seconds"] for seed in seeds.values())
-    return {"variant": variant, "seeds": [result.seed for result in results], "device": results[0].device,
-            "diverged": aggregate["diverged_seeds"] > 0, "per_seed": seeds, "aggregate": aggregate,
-            "mlflow_run_id": run_id, "mlflow_model_seed": None, "mlflow_model_uri": None}
+    return {
+        "variant": variant,
+        "seeds": [result.seed for result in results],
+        "device": results[0].device,
+        "diverged": aggregate["diverged_seeds"] > 0,
+        "per_seed": seeds,
+        "aggregate": aggregate,
+        "mlflow_run_id": run_id,
+        "mlflow_model_seed": None,
+        "mlflow_model_uri": None,
+    }
 
 
 def save_model(path: Path, params: config.TrainParams, result: TrainResult) -> None:
@@ -334,8 +421,13 @@ def save_model(path: Path, params: config.TrainParams, result: TrainResult) -> N
 
 
 def architecture(params: config.TrainParams) -> dict:
-    return {"impl": params.impl, "hidden": list(params.hidden), "activation": params.activation,
-            "inputs": mlp.INPUTS, "outputs": mlp.OUTPUTS}
+    return {
+        "impl": params.impl,
+        "hidden": list(params.hidden),
+        "activation": params.activation,
+        "inputs": mlp.INPUTS,
+        "outputs": mlp.OUTPUTS,
+    }
 
 
 def log_model(net: nn.Module, params: config.TrainParams, stats: dict, dataset: str) -> str:
@@ -343,8 +435,13 @@ def log_model(net: nn.Module, params: config.TrainParams, stats: dict, dataset: 
     from pipeline import serving
     from pipeline.datasets import class_names
 
-    info = serving.log_model(net.cpu().eval(), architecture(params), mean=stats["mean"], std=stats["std"],
-                             class_names=class_names(dataset, mlp.OUTPUTS))
+    info = serving.log_model(
+        net.cpu().eval(),
+        architecture(params),
+        mean=stats["mean"],
+        std=stats["std"],
+        class_names=class_names(dataset, mlp.OUTPUTS),
+    )
     return info.model_uri
 
 
