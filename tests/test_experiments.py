@@ -65,6 +65,7 @@ def experiments(tmp_path_factory, tiny_dataset):
     commit_all(repo, "small params")
     env = tool_env()  # no MLFLOW_TRACKING_URI: the embedded store at the workspace root
     run_tool(["dvc", "repro"], repo, env)
+    commit_all(repo, "results")  # as a user would: the baseline has its results, so --only-changed means changed
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     record = {
         "repo": repo,

@@ -27,7 +27,7 @@ def spiral_result() -> spiral.SpiralResult:
 
 def test_linreg_recovers_w_and_b_as_least_squares_does():
     result = linreg.run(LINREG)
-    figures = linreg.summary(LINREG, result, run_id="")
+    figures = linreg.summary(LINREG, result)
     assert max(figures["w_error"]) < 0.01 and figures["b_error"] < 0.01
     assert figures["final_loss"] < 2 * LINREG.noise_std**2  # at the noise floor, noise_std^2 / 2
     # The reference: the exact least-squares fit of the same data, which SGD should approach.
@@ -61,7 +61,7 @@ def test_only_the_mlps_separate_the_spiral(spiral_result):
 
 def test_spiral_split_and_summary(spiral_result):
     total = SPIRAL.classes * SPIRAL.points_per_class
-    figures = spiral.summary(spiral_result, run_id="")
+    figures = spiral.summary(spiral_result)
     assert figures["test_examples"] == round(total * SPIRAL.test_fraction)
     assert figures["train_examples"] + figures["test_examples"] == total
     assert set(figures["models"]) == set(spiral_result.models)
@@ -154,6 +154,8 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                     str(root / stage / "metrics.json"),
                     "--plot",
                     str(root / stage / "plot.png"),
+                    "--run-record",
+                    str(root / stage / "run.json"),
                 ],
                 cwd=REPO,
                 env=env,
@@ -180,10 +182,10 @@ def test_stage_cli_writes_its_outputs_and_a_finished_mlflow_run(stage_runs, stag
     from mlflow import MlflowClient
 
     directory = stage_runs[stage]
-    assert sorted(path.name for path in directory.iterdir()) == ["metrics.json", "plot.png"]
+    assert sorted(path.name for path in directory.iterdir()) == ["metrics.json", "plot.png", "run.json"]
     assert (directory / "plot.png").read_bytes().startswith(b"\x89PNG")
     client = MlflowClient(tracking_uri=stage_runs["uri"])
-    run = client.get_run(json.loads((directory / "metrics.json").read_text())["mlflow_run_id"])
+    run = client.get_run(json.loads((directory / "run.json").read_text())["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
     assert metric_keys <= set(run.data.metrics)
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, stage)] == [f"{stage}/plot.png"]

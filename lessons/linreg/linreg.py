@@ -108,7 +108,7 @@ def run(params: LinregParams, report: Callable[[int, float], None] = lambda epoc
     return result
 
 
-def summary(params: LinregParams, result: LinregResult, run_id: str) -> dict:
+def summary(params: LinregParams, result: LinregResult) -> dict:
     """The final figures DVC tracks: recovered w and b, their absolute errors, the final loss."""
     w, b = result.w.detach().tolist(), result.b.item()
     return {
@@ -119,7 +119,6 @@ def summary(params: LinregParams, result: LinregResult, run_id: str) -> dict:
         "w_error": [abs(recovered - true) for recovered, true in zip(w, params.true_w)],
         "b_error": abs(b - params.true_b),
         "final_loss": result.losses[-1],
-        "mlflow_run_id": run_id,
     }
 
 
@@ -147,6 +146,7 @@ def draw_fit(path: Path, result: LinregResult) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the recovered w and b")
+    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()
     linreg_params = load_section(args.params, "linreg", LinregParams)
@@ -160,7 +160,7 @@ def main() -> None:
             mlflow.log_metric("loss", loss, step=epoch)
 
         result = run(linreg_params, report)
-        metrics = summary(linreg_params, result, mlflow_run.info.run_id)
+        metrics = summary(linreg_params, result)
         mlflow.log_metrics(
             {
                 "b": metrics["b"],
@@ -172,6 +172,7 @@ def main() -> None:
         draw_fit(args.plot, result)
         mlflow.log_artifact(str(args.plot), "linreg")
         write_json(args.metrics, metrics)
+        write_json(args.run_record, {"stage": "linreg", "mlflow_run_id": mlflow_run.info.run_id})
     print(f"w {metrics['w']} (error {metrics['w_error']}), b {metrics['b']:.6f} (error {metrics['b_error']:.2e})")
 
 

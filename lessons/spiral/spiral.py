@@ -178,7 +178,7 @@ def run(params: SpiralParams) -> SpiralResult:
     return result
 
 
-def summary(result: SpiralResult, run_id: str) -> dict:
+def summary(result: SpiralResult) -> dict:
     """The final figures DVC tracks: each model's final loss and train and test accuracy."""
     models = {
         name: {
@@ -192,7 +192,6 @@ def summary(result: SpiralResult, run_id: str) -> dict:
         "models": models,
         "train_examples": len(result.train_labels),
         "test_examples": len(result.test_labels),
-        "mlflow_run_id": run_id,
     }
 
 
@@ -248,6 +247,7 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of each model's accuracy")
+    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()
     spiral_params = load_section(args.params, "spiral", SpiralParams)
@@ -256,7 +256,7 @@ def main() -> None:
 
         mlflow.log_params(dataclasses.asdict(spiral_params))
         result = run(spiral_params)
-        metrics = summary(result, mlflow_run.info.run_id)
+        metrics = summary(result)
         for name, figures in metrics["models"].items():
             print(
                 f"{name:>10}: final loss {figures['final_loss']:.4f}  train acc {figures['train_accuracy']:.4f}  "
@@ -268,6 +268,7 @@ def main() -> None:
         draw_regions(args.plot, result)
         mlflow.log_artifact(str(args.plot), "spiral")
         write_json(args.metrics, metrics)
+        write_json(args.run_record, {"stage": "spiral", "mlflow_run_id": mlflow_run.info.run_id})
 
 
 if __name__ == "__main__":
