@@ -95,15 +95,18 @@ def test_exit_codes_pass_through(tmp_path: Path, host_env: dict) -> None:
             raise KeyboardInterrupt
         if sys.argv[1] == "error":
             raise RuntimeError("broken stage")
+        if sys.argv[1] == "message":
+            sys.exit("a message")
         sys.exit(int(sys.argv[1]))
     """)
-    expected = {"0": 0, "2": 2, "interrupt": 130, "error": 1}
+    expected = {"0": 0, "2": 2, "interrupt": 130, "error": 1, "message": 1}
     for argument, code in expected.items():
         result = run_client("exits", argument, cwd=work, env=host_env)
         assert result.returncode == code, (argument, result.stderr)
         assert stage_pid(result.stdout) != os.getpid()
     result = run_client("exits", "error", cwd=work, env=host_env)
     assert "Traceback" in result.stderr and "RuntimeError: broken stage" in result.stderr
+    assert run_client("exits", "message", cwd=work, env=host_env).stderr == "a message\n"
     assert stage_pid(result.stdout) != stage_pid(run_client("exits", "0", cwd=work, env=host_env).stdout)
 
 
@@ -131,6 +134,18 @@ def test_each_client_imports_our_code_from_its_own_cwd(tmp_path: Path, host_env:
         for version, work in copies.items():
             result = run_client("lessons.show", cwd=work, env=host_env)
             assert (result.returncode, result.stdout) == (0, f"{version}\n"), result.stderr
+
+
+def test_atexit_handlers_and_threads_finish_before_the_stage_exits(tmp_path: Path, host_env: dict) -> None:
+    """As at a normal interpreter exit: non-daemon threads are joined, then atexit handlers run."""
+    work = write_module(tmp_path / "work", "finishing", """
+        import atexit, threading, time
+        atexit.register(print, "atexit ran", flush=True)
+        threading.Thread(target=lambda: (time.sleep(0.2), print("thread done", flush=True))).start()
+        print("main done", flush=True)
+    """)
+    result = run_client("finishing", cwd=work, env=host_env)
+    assert (result.returncode, result.stdout) == (0, "main done\nthread done\natexit ran\n"), result.stderr
 
 
 def test_sigterm_to_the_client_reaches_the_stage(tmp_path: Path, host_env: dict) -> None:
