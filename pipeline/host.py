@@ -132,8 +132,10 @@ def start_host(base: str):
 
 def run_on_host(connection: socket.socket, module: str, args: list[str]) -> int | None:
     """Run the module in a child of the host; its exit status, or None if the host dropped the request."""
+    umask = os.umask(0o22)
+    os.umask(umask)
     request = {"module": module, "argv": [module, *args], "cwd": os.getcwd(), "env": dict(os.environ),
-               "path": sys.path}
+               "path": sys.path, "umask": umask}
     payload = json.dumps(request).encode()
     socket.send_fds(connection, [len(payload).to_bytes(8, "big")], [standard_fd(fd) for fd in (0, 1, 2)])
     connection.sendall(payload)
@@ -262,6 +264,7 @@ class Host:
 
         connection, _ = self.listener.accept()
         try:
+            same_user(connection)
             request, fds = read_request(connection)
         except (OSError, ValueError) as error:
             log(f"bad request: {error}")
@@ -317,6 +320,15 @@ class Host:
         own.close()
 
 
+def same_user(connection: socket.socket) -> None:
+    """The directory is private already; the peer's credentials say so again."""
+    import struct
+
+    _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.getuid():
+        raise ValueError(f"client of uid {uid}, host of uid {os.getuid()}")
+
+
 def read_request(connection: socket.socket) -> tuple[dict, list[int]]:
     """The 8-byte length with the client's fds 0, 1, 2 attached, then the JSON request."""
     connection.settimeout(10)  # a client sends it all at once; a stuck one must not stall the others
@@ -362,6 +374,7 @@ def become_stage(request: dict, fds: list[int]) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     take_standard_streams(fds)
     os.chdir(request["cwd"])
+    os.umask(request["umask"])  # the modes of the files the stage writes
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv, sys.path[:] = list(request["argv"]), request["path"]

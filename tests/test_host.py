@@ -25,6 +25,7 @@ print("cwd", os.getcwd())
 print("argv", sys.argv[1:])
 print("env", os.environ.get("PROBE_VALUE"))
 print("stdin", sys.stdin.read().strip())
+print("umask", oct(os.umask(0)))
 print("to stderr", file=sys.stderr)
 """
 
@@ -78,9 +79,10 @@ def client(module: str, *args: str, cwd: Path, env: dict, **popen) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def run_client(module: str, *args: str, cwd: Path, env: dict, stdin: str = "") -> subprocess.CompletedProcess:
+def run_client(module: str, *args: str, cwd: Path, env: dict, stdin: str = "",
+               umask: int = 0o022) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.host", module, *args], cwd=cwd, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=WAIT_S)
+                          input=stdin, capture_output=True, text=True, timeout=WAIT_S, umask=umask)
 
 
 def stage_pid(stdout: str) -> int:
@@ -114,10 +116,11 @@ def test_streams_cwd_env_and_argv_are_the_clients(tmp_path: Path, host_env: dict
     work = write_module(tmp_path / "work", "probe", PROBE)
     for value in ("first", "second"):  # the same host, another environment each time
         result = run_client("probe", "--flag", "x y", cwd=work, env={**host_env, "PROBE_VALUE": value},
-                            stdin="hello host")
+                            stdin="hello host", umask=0o027 if value == "first" else 0o002)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[1:] == [f"cwd {work}", "argv ['--flag', 'x y']", f"env {value}", "stdin hello host"]
+        assert lines[1:] == [f"cwd {work}", "argv ['--flag', 'x y']", f"env {value}", "stdin hello host",
+                             "umask 0o27" if value == "first" else "umask 0o2"]
         assert result.stderr == "to stderr\n"
     served = (tmp_path / "host").glob("*.log")
     assert sum(log.read_text().count(": probe in") for log in served) == 2
@@ -218,7 +221,7 @@ def test_without_a_host_the_stage_runs_in_process(tmp_path: Path, host_env: dict
     stdout, stderr = process.communicate("in", timeout=WAIT_S)
     assert process.returncode == 0, stderr
     assert stage_pid(stdout) == process.pid
-    assert stdout.splitlines()[1:] == [f"cwd {work}", "argv ['a']", "env v", "stdin in"]
+    assert stdout.splitlines()[1:5] == [f"cwd {work}", "argv ['a']", "env v", "stdin in"]
     assert not (tmp_path / "host").exists()
 
 
