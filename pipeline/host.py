@@ -25,8 +25,10 @@ DIR_VARIABLE = "D2L_STAGE_HOST_DIR"        # where sockets and logs live (defaul
 IDLE_VARIABLE = "D2L_STAGE_HOST_IDLE_S"    # a host without clients this long exits
 PRELOAD_VARIABLE = "D2L_STAGE_HOST_PRELOAD"  # comma-separated modules the host imports (default PRELOAD)
 WAIT_VARIABLE = "D2L_STAGE_HOST_WAIT_S"    # how long a client waits for a host it started
-PRELOAD = ("torch", "torch.nn.functional", "torch._dynamo", "torch.export", "numpy", "yaml", "pydantic",
-           "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.pytorch", "mlflow.models",
+# What our stages import, and what MLflow's log_model imports in the train stage (torch.export, pyfunc).
+PRELOAD = ("torch", "torch.nn.functional", "torch._dynamo", "torch.export", "torch._export.serde.serialize",
+           "torch._functorch.partitioners", "networkx", "numpy", "yaml", "pydantic", "mlflow",
+           "mlflow.store.tracking.sqlalchemy_store", "mlflow.pytorch", "mlflow.models", "mlflow.pyfunc",
            "matplotlib", "matplotlib.pyplot")
 OUR_PACKAGES = ("pipeline", "lessons", "benchmarks")  # may change between stages: always imported fresh
 # Read when a library is imported (torch's thread count, hash seed, backends), so a host serves only
