@@ -139,22 +139,32 @@ def run_on_host(connection: socket.socket, module: str, args: list[str]) -> int 
     request = {"module": module, "argv": [module, *args], "cwd": os.getcwd(), "env": dict(os.environ),
                "path": sys.path, "umask": umask}
     payload = json.dumps(request).encode()
-    socket.send_fds(connection, [len(payload).to_bytes(8, "big")], [standard_fd(fd) for fd in (0, 1, 2)])
-    connection.sendall(payload)
     replies = connection.makefile("rb")
-    started = replies.readline()
+    try:
+        socket.send_fds(connection, [len(payload).to_bytes(8, "big")], [standard_fd(fd) for fd in (0, 1, 2)])
+        connection.sendall(payload)
+        started = replies.readline()
+    except OSError:  # e.g. a host that was just exiting, idle, with our connection in its backlog
+        started = b""
     if not started:
         note("host closed the connection before starting the stage; running in-process")
         return None
     child = json.loads(started)["pid"]
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: os.kill(child, signum))  # the stage decides what to do
+        signal.signal(signum, lambda signum, frame: forward(child, signum))  # the stage decides what to do
     finished = replies.readline()
     if not finished:
         note(f"host died while stage pid {child} ran")
         return 1
     code = json.loads(finished)["status"]
     return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+
+
+def forward(child: int, signum: int) -> None:
+    try:
+        os.kill(child, signum)
+    except ProcessLookupError:
+        pass  # it has just exited; its status is on its way
 
 
 def standard_fd(fd: int) -> int:

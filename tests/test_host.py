@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -263,3 +264,24 @@ def test_preloaded_torch_follows_the_clients_thread_setting(tmp_path: Path, host
         pid, preloaded, used = result.stdout.split()
         assert (preloaded, used) == ("True", threads), result.stderr
     assert len(list((tmp_path / "host").glob("*.sock"))) == 2
+
+
+def test_a_host_that_drops_the_request_leaves_the_stage_to_the_client(tmp_path: Path, host_env: dict) -> None:
+    """Where a host closes the connection before starting the stage (one exiting, idle, as the client
+    connects), the client runs the stage itself."""
+    work = write_module(tmp_path / "work", "probe", PROBE)
+    assert run_client("probe", cwd=work, env=host_env).returncode == 0
+    host = int(next((tmp_path / "host").glob("*.lock")).read_text())
+    os.kill(host, signal.SIGKILL)
+    wait_until(lambda: not alive(host))
+    path = str(next((tmp_path / "host").glob("*.sock")))
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dropping:
+        dropping.bind(path)
+        dropping.listen()
+        process = client("probe", cwd=work, env=host_env, stdin=subprocess.PIPE)
+        dropping.accept()[0].close()
+        stdout, stderr = process.communicate("", timeout=WAIT_S)
+    assert process.returncode == 0, stderr
+    assert stage_pid(stdout) == process.pid
+    assert "running in-process" in stderr
