@@ -73,7 +73,8 @@ def repro(copy: Path, env: dict) -> tuple[float, list[tuple[float, str]]]:
     lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in process.stdout]
     wall = time.perf_counter() - started
     if process.wait() != 0:
-        sys.exit("dvc repro failed:\n" + "\n".join(line for _, line in lines[-40:]))
+        sys.exit(f"dvc repro in {copy} failed (exit status {process.returncode}):\n"
+                 + "\n".join(line for _, line in lines[-40:]))
     return wall, lines
 
 

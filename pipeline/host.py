@@ -22,7 +22,8 @@ import time
 
 SWITCH = "D2L_STAGE_HOST"                  # "0": never use a host
 DIR_VARIABLE = "D2L_STAGE_HOST_DIR"        # where sockets and logs live (default: per-user, mode 0700)
-IDLE_VARIABLE = "D2L_STAGE_HOST_IDLE_S"    # a host without clients this long exits
+IDLE_VARIABLE = "D2L_STAGE_HOST_IDLE_S"    # a host without clients this long exits (default 600 s:
+#   the "look" between two runs of the loop takes minutes, and a cold host costs more than a cold stage)
 PRELOAD_VARIABLE = "D2L_STAGE_HOST_PRELOAD"  # comma-separated modules the host imports (default PRELOAD)
 WAIT_VARIABLE = "D2L_STAGE_HOST_WAIT_S"    # how long a client waits for a host it started
 # What our stages import, and what MLflow's log_model imports in the train stage (torch.export, pyfunc).
@@ -214,7 +215,7 @@ def serve(base: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log(f"serving on {path}")
     try:
-        Host(listener, lock).loop(float(os.environ.get(IDLE_VARIABLE, "120")))
+        Host(listener, lock).loop(float(os.environ.get(IDLE_VARIABLE, "600")))
     finally:
         if os.getpid() == owner:  # (a child never gets here: it leaves by os._exit)
             listener.close()
@@ -290,6 +291,10 @@ class Host:
             become_stage(request, fds)  # never returns
         for fd in fds:
             os.close(fd)  # else a pipe DVC reads from would stay open in the host
+        try:
+            os.setpgid(pid, pid)  # also in the child: killpg(pid) must work whichever runs first
+        except OSError:
+            pass  # the child has already done it, or has already exec'd or exited
         pidfd = os.pidfd_open(pid)
         self.children[pid] = (connection, pidfd)
         self.selector.register(connection, selectors.EVENT_READ, ("client", pid))
