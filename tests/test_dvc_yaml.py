@@ -53,7 +53,7 @@ def stages() -> list[tuple[str, dict, str]]:
 
 
 def stage_module(stage: dict) -> str:
-    return re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1)
+    return re.search(r"python -m (?:pipeline\.host )?([\w.]+)", stage["cmd"]).group(1)
 
 
 @pytest.mark.parametrize("name, stage, prefix", stages(), ids=[name for name, _, _ in stages()])
