@@ -350,6 +350,7 @@ def test_wrong_password_fails_a_stage_with_one_line_naming_the_server(stack, tmp
         cwd=REPO, env=stack.env(password="not-the-password"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    print(errors)  # shown with -rP: what a user sees
     assert len(errors) == 1 and errors[0].startswith(f"error: MLflow tracking at {stack.uri} failed"), result.stderr
     assert "401" in errors[0] or "not authenticated" in errors[0].lower(), errors[0]
     assert "Traceback" not in result.stderr
@@ -416,9 +417,12 @@ def test_postgres_stopped_while_a_stage_runs(stack, project, tmp_path):
     finally:
         stage.kill()
         stack.server("start", "postgres")
-    errors = out["stderr"].read_text()
+    errors = out["stderr"].read_text().strip().splitlines()
+    print(errors[-1:])  # shown with -rP: what a user sees
     assert returncode != 0 and not out["train.json"].exists()
-    assert re.search(r"(?i)(error|exception).*(500|database|connection|postgres|psycopg)", errors), errors[-3000:]
+    # Today a traceback whose last line names the server and its answer to a store without a database
+    # (503); not the one-line `error: MLflow tracking at ... failed` that an unreachable server gets.
+    assert errors and stack.uri in errors[-1] and "503" in errors[-1], errors[-30:]
     with mlflow_as(stack, "member") as client:
         status = client.get_run(run.info.run_id).info.status
     if status == "RUNNING":
@@ -451,6 +455,7 @@ def test_dvc_push_to_an_unreachable_remote_fails_clearly_and_keeps_local_results
         result = run_tool(["dvc", "push", "dvc.yaml"], repo, stack.env(), check=False, timeout=120)
     finally:
         stack.server("start", "ssh")
+    print(result.stderr)  # shown with -rP: what a user sees
     assert result.returncode != 0
     assert re.search(r"(?i)error.*(connect|refused|unreachable)", result.stderr), result.stderr[-2000:]
     assert (repo / "data/raw/tiny/train-images-idx3-ubyte").is_file()
