@@ -181,12 +181,15 @@ def _end_run(mlflow: Any, status: str, error: BaseException | None = None) -> No
 
 
 def close_orphans(experiment_id: str) -> None:
-    """Runs left RUNNING by a process on this host that no longer exists (killed, or its store failed) end FAILED."""
+    """Runs left RUNNING by a process on this host that no longer exists (killed, or its store failed) end FAILED,
+    in every experiment: the stage that reaches the store next may log elsewhere (a lesson, say)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     host = socket.gethostname()
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=200):
+    experiments = {experiment_id} | {experiment.experiment_id for experiment in client.search_experiments()}
+    running = f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+    for run in client.search_runs(sorted(experiments), running, max_results=200):
         tags = run.data.tags
         if tags.get("host") == host and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
             client.set_terminated(run.info.run_id, "FAILED")
