@@ -264,7 +264,7 @@ def test_third_machine_gets_both_experiments_without_retraining(stack, project, 
     shown = run_tool(["dvc", "exp", "show", "--csv"], c, env).stdout
     assert all(name in shown for name in EXPERIMENTS), shown
     run_ids = {}
-    for name, lr in EXPERIMENTS.items():
+    for name in EXPERIMENTS:
         run_tool(["dvc", "exp", "apply", name], c, env)
         status = run_tool(["dvc", "status", "dvc.yaml"], c, env).stdout
         assert "up to date" in status, status  # every output is there and matches dvc.lock: nothing to retrain
