@@ -169,3 +169,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     os.killpg(process.pid, 15)
     process.wait(timeout=30)
     log.close()
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """PYTEST_REVERSE=1 runs the tests in reverse order: a check that none depends on another's leftovers."""
+    if os.environ.get("PYTEST_REVERSE") == "1":
+        items.reverse()
