@@ -268,7 +268,7 @@ def test_third_machine_gets_both_experiments_without_retraining(stack, project, 
         run_tool(["dvc", "exp", "apply", name], c, env)
         status = run_tool(["dvc", "status", "dvc.yaml"], c, env).stdout
         assert "up to date" in status, status  # every output is there and matches dvc.lock: nothing to retrain
-        assert (c / "models/base/model.pt").is_file()
+        assert (c / "models/base/seed-0.pt").is_file()
         train = json.loads((c / "results/base/train.json").read_text())
         run_ids[name] = train["mlflow_run_id"]
     with mlflow_as(stack, "member") as client:
