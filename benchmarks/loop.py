@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = ("data/raw", "data/prepared")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 STAGE_END = re.compile(r"Updating lock file|Running stage '")
-EPOCH_SECONDS = re.compile(r"^epoch\s+\d+\s.*\s([\d.]+) s$")
+EPOCH_SECONDS = re.compile(r"^seed\s+\d+\s+epoch\s+\d+\s.*\s([\d.]+) s$")
 
 
 def copy_repository(into: Path) -> Path:
@@ -108,7 +108,7 @@ def stage_seconds(wall: float, lines: list[tuple[float, str]]) -> dict[str, floa
 def training_seconds(copy: Path, variant: str, lines: list[tuple[float, str]]) -> float:
     """What the train stage reports. Adapt here when its outputs change; its epoch lines are the fallback."""
     try:
-        return float(json.loads((copy / "results" / variant / "train.json").read_text())["train_seconds"])
+        return float(json.loads((copy / "results" / variant / "train.json").read_text())["aggregate"]["train_seconds"])
     except (OSError, KeyError, TypeError, ValueError):
         return sum(float(match.group(1)) for _, line in lines if (match := EPOCH_SECONDS.match(line)))
 
