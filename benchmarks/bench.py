@@ -70,10 +70,16 @@ def bench_data(raw_dir: Path, prepared_dir: Path, temp: Path, normalize: bool) -
     source = str(raw_dir)
     if not all((raw_dir / name).is_file() for name in FILE_KINDS.values()):
         raw_dir, prepared_dir, source = write_synthetic_idx(temp / "raw"), temp / "prepared", "generated"
-    if not all((prepared_dir / f"{split}.pt").is_file() for split in SPLITS):
+    if not all((prepared_dir / f"{split}.pt").is_file() for split in SPLITS) or holds_out(prepared_dir):
         prepared_dir = temp / "prepared"
-        prepare.run(raw_dir, prepared_dir, normalize)
+        prepare.run(raw_dir, prepared_dir, normalize)  # d2l's split: all 60,000 train images, no validation
     return raw_dir, prepared_dir, source
+
+
+def holds_out(prepared_dir: Path) -> bool:
+    """True when the pipeline's prepared data keeps validation images out of train: d2l trains on all of them."""
+    validation = prepared_dir / "validation.pt"
+    return validation.is_file() and len(tensors.load_split(validation)[1]) > 0
 
 
 def timed(function: Callable[[], float | None], device: torch.device) -> tuple[float, float | None]:
