@@ -60,7 +60,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def tool_env(**extra: str) -> dict:
     """The environment for dvc/python subprocesses: this venv first on PATH."""
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
