@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -181,6 +182,10 @@ def start_host(base: str):
         )
 
 
+# The client's resource limits the stage runs under, as it would in-process.
+CLIENT_LIMITS = ("RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_CPU")
+
+
 def run_on_host(connection: socket.socket, module: str, args: list[str]) -> int | None:
     """Run the module in a child of the host; its exit status, or None if the host dropped the request."""
     umask = os.umask(0o22)
@@ -192,6 +197,7 @@ def run_on_host(connection: socket.socket, module: str, args: list[str]) -> int 
         "env": dict(os.environ),
         "path": sys.path,
         "umask": umask,
+        "limits": {name: resource.getrlimit(getattr(resource, name)) for name in CLIENT_LIMITS},
     }
     payload = json.dumps(request).encode()
     replies = connection.makefile("rb")
@@ -448,6 +454,11 @@ def become_stage(request: dict, fds: list[int]) -> None:
     take_standard_streams(fds)
     os.chdir(request["cwd"])
     os.umask(request["umask"])  # the modes of the files the stage writes
+    for name, (soft, hard) in request.get("limits", {}).items():  # e.g. a file-size cap stands for a full disk
+        try:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (ValueError, OSError):
+            pass  # a limit above the host's own hard limit cannot be raised: the stage keeps the host's
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv, sys.path[:] = list(request["argv"]), request["path"]

@@ -218,7 +218,7 @@ def test_predict_refuses_a_model_that_takes_no_raw_images(tmp_path, monkeypatch)
 def test_real_champion_on_raw_test_images_scores_what_evaluate_says(tmp_path):
     """Issue #14: on raw test images the logged model scored 0.77 where evaluate said 0.86."""
     from pipeline import config, idx
-    from pipeline.train import evaluate, run
+    from pipeline.stages.train import evaluate, run
 
     raw = {name: idx.read(REAL_FASHION_MNIST / f"{name}-idx3-ubyte.gz") for name in ("train-images", "t10k-images")}
     labels = [idx.read(REAL_FASHION_MNIST / f"{name}-idx1-ubyte.gz").long() for name in ("train-labels", "t10k-labels")]
@@ -226,7 +226,7 @@ def test_real_champion_on_raw_test_images_scores_what_evaluate_says(tmp_path):
     mean, std = pixels.mean().item(), pixels.std().item()
     train_images, test_images = (normalized(raw[name], mean, std) for name in ("train-images", "t10k-images"))
     params = config.load(REPO / "params.yaml").variant("d2l_scratch")
-    result = run(params, (train_images, labels[0]), (test_images, labels[1]))
+    result = run(params, params.seeds[0], (train_images, labels[0]), (test_images, labels[1]))
     serving.save_model(
         result.model.cpu(),
         architecture("scratch") | {"hidden": list(params.hidden)},

@@ -340,9 +340,7 @@ def train_logged(
         results = [train_seed(args, train_params, seed, train_data, validation_data) for seed in train_params.seeds]
         summary = summarize(args.variant, results, parent.info.run_id)
         mlflow.log_metrics({key: value for key, value in summary["aggregate"].items() if value is not None})
-        with atomic_dir(args.models) as temp:  # the model files first: a full disk fails here, with our message
-            for result in results:
-                save_model(temp / f"seed-{result.seed}.pt", train_params, result)
+        save_models(args.models, train_params, results)  # first: a full disk fails here, with our message
         write_text(args.history, history_csv(results))
         mlflow.log_artifact(str(args.history))
         best = best_seed(results)
@@ -418,6 +416,16 @@ def save_model(path: Path, params: config.TrainParams, result: TrainResult) -> N
         write_json(path.with_suffix(".json"), described)
     else:
         mlp.save(result.model, path, described)
+
+
+def save_models(directory: Path, params: config.TrainParams, results: list[TrainResult]) -> None:
+    """Every seed's model into `directory`, replaced as a whole; an error names the file, not the temp copy."""
+    with atomic_dir(directory) as temp:
+        for result in results:
+            try:
+                save_model(temp / f"seed-{result.seed}.pt", params, result)
+            except PipelineError as error:
+                raise PipelineError(str(error).replace(str(temp), str(directory))) from None
 
 
 def architecture(params: config.TrainParams) -> dict:
