@@ -18,6 +18,7 @@ from tests.conftest import commit_all, copy_repo, edit_params, run_tool, tiny_pa
 
 pytestmark = pytest.mark.integration
 
+EXPERIMENT, MODEL = "d2l-story", "story-mlp"
 DATA_STAGES = ["download", "prepare"]
 VARIANT_STAGES = [
     f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")
@@ -30,7 +31,7 @@ def stages_run(output: str) -> list[str]:
 
 def runs_by_name(client) -> dict:
     """The latest run of each name in the pipeline's experiment."""
-    experiment = client.get_experiment_by_name("d2l-mlp")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = {}
     for run in sorted(client.search_runs([experiment.experiment_id]), key=lambda run: run.info.start_time):
         runs[run.info.run_name] = run
@@ -48,6 +49,8 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
 
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     edit_params(repo, tiny_params(tiny_dataset))
+    # Its own experiment and registered model: the session's MLflow server is shared with other modules.
+    edit_params(repo, lambda params: params["mlflow"].update(experiment=EXPERIMENT, registered_model=MODEL))
     commit_all(repo, "tiny params")  # committed code and params: this run may move @champion
     env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -61,7 +64,7 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
     }
     record["lock"] = yaml.safe_load((repo / "dvc.lock").read_text())
     record["runs"] = runs_by_name(client)
-    record["champion"] = client.get_model_version_by_alias("d2l-mlp", "champion")
+    record["champion"] = client.get_model_version_by_alias(MODEL, "champion")
     commit_all(repo, "trained")
     before = len(client.search_runs([record["runs"]["compare"].info.experiment_id]))
     record["second"] = run_tool(["dvc", "repro"], repo, env).stdout
@@ -70,8 +73,8 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
     record["changed"] = run_tool(["dvc", "repro"], repo, env).stdout
     record["status_after_change"] = run_tool(["dvc", "status"], repo, env).stdout
     record["report"] = report(repo, env, "--base", "HEAD")
-    record["champion_after_change"] = client.get_model_version_by_alias("d2l-mlp", "champion")
-    record["challenger"] = client.get_model_version_by_alias("d2l-mlp", "challenger")
+    record["champion_after_change"] = client.get_model_version_by_alias(MODEL, "champion")
+    record["challenger"] = client.get_model_version_by_alias(MODEL, "challenger")
     record["compare_after_change"] = json.loads((repo / "reports/compare.json").read_text())
     commit_all(repo, "scratch lr 0.05")
     edit_params(repo, lambda params: params["evaluate"].update(max_train_loss=1e-9))

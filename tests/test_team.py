@@ -120,6 +120,9 @@ def mlflow_as(stack: Stack, user: str, password: str | None = None):
             os.environ.pop(key) if value is None else os.environ.update({key: value})
 
 
+FAULTS = "d2l-faults"  # the fault tests' runs, kept apart from the seed project's experiment
+
+
 def all_runs(client, experiment: str = EXPERIMENT) -> list:
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
@@ -417,6 +420,7 @@ def small_project(stack: Stack, tiny: dict, destination: Path) -> Path:
     """A repo copy on tiny data with the team's DVC remote, nothing run yet."""
     repo = copy_repo(destination)
     edit_params(repo, tiny_params(tiny))
+    edit_params(repo, lambda params: params["mlflow"].update(experiment=FAULTS))  # apart from the seed project's
     run_tool(["dvc", "remote", "add", "-d", "team", stack.remote_url()], repo)
     use_team_remotes(repo, stack)
     git(repo, "add", "-A")
@@ -424,12 +428,16 @@ def small_project(stack: Stack, tiny: dict, destination: Path) -> Path:
     return repo
 
 
-def wait_for_run(stack: Stack, name: str, since_ms: float, timeout_s: float = 120):
+def wait_for_run(stack: Stack, name: str, since_ms: float, timeout_s: float = 120, experiment: str = FAULTS):
     """The first run called `name` that started after since_ms, once the server lists it as RUNNING."""
     deadline = time.monotonic() + timeout_s
     with mlflow_as(stack, "member") as client:
         while time.monotonic() < deadline:
-            runs = [run for run in all_runs(client) if run.info.run_name == name and run.info.start_time >= since_ms]
+            runs = [
+                run
+                for run in all_runs(client, experiment)
+                if run.info.run_name == name and run.info.start_time >= since_ms
+            ]
             if runs and runs[0].info.status == "RUNNING":
                 return runs[0]
             time.sleep(0.5)
@@ -440,6 +448,7 @@ def test_postgres_stopped_while_a_stage_runs(stack, project, tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy(project["repo"] / "params.yaml", params)
     edit_params(tmp_path, lambda values: values["train"].update(epochs=1_000_000))  # runs until stopped
+    edit_params(tmp_path, lambda values: values["mlflow"].update(experiment=FAULTS))
     out = {name: tmp_path / name for name in ("models", "train.json", "history.csv", "stdout", "stderr")}
     started = time.time() * 1000
     with open(out["stdout"], "w") as stdout, open(out["stderr"], "w") as stderr:
@@ -514,7 +523,7 @@ def test_mlflow_server_restarted_between_stages_the_pipeline_goes_on(stack, tiny
         download = client.get_run(record["mlflow_run_id"])
         prepare = [
             run
-            for run in all_runs(client)
+            for run in all_runs(client, FAULTS)
             if run.info.run_name == "prepare" and run.info.start_time >= download.info.start_time
         ]
         assert download.info.status == "FINISHED" and [run.info.status for run in prepare] == ["FINISHED"]
