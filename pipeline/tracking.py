@@ -148,7 +148,7 @@ def store_errors(uri: str) -> Iterator[None]:
         if not _from_store(error):
             raise
         hint = _restore_hint(uri, error)
-        raise PipelineError(f"MLflow tracking at {uri} failed: {_first_line(error)}{hint}") from None
+        raise PipelineError(f"MLflow tracking at {uri} failed: {_cause(error)}{hint}") from None
 
 
 def _restore_hint(uri: str, error: BaseException) -> str:
@@ -307,6 +307,14 @@ def _use_experiment(mlflow: Any, name: str, uri: str) -> str:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
+
+
+def _cause(error: BaseException) -> str:
+    """The database's own error where SQLAlchemy wraps one: its first line can be advice about autoflush."""
+    original = getattr(error, "orig", None)
+    if isinstance(original, BaseException):
+        return f"({type(original).__module__}.{type(original).__name__}) {_first_line(original)}"
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -349,7 +349,8 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
         repo, env, "train@base", lambda: checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 2
     )
     assert snapshot(outputs) == before  # persistent outputs: the last good ones stay
-    assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
+    if before[outputs[1]] is None:  # never trained before: dvc sees the stage as not done
+        assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     resumed = run_tool(["dvc", "repro", "--force", "--single-item", "train@base"], repo, env).stdout
     assert "resuming from checkpoints/base/seed-0.pt after epoch" in resumed
     assert not checkpoint.exists()  # removed once the stage succeeded
