@@ -49,6 +49,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(temp, path)
+    except PipelineError as error:  # a file that could not be written is named where the user will look for it
+        raise PipelineError(str(error).replace(str(temp), str(path))) from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.cli import stage_entry
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 ARTIFACTS, BACKUPS = "mlartifacts", ".mlflow-backups"
 BACKUP_EVERY, KEEP = timedelta(minutes=10), 5
@@ -144,7 +144,7 @@ def backup_if_due(db: Path, every: timedelta = BACKUP_EVERY) -> Path | None:
     try:
         return backup(db)
     except (sqlite3.Error, OSError, PipelineError) as error:
-        print(f"warning: could not back up the MLflow store {db}: {_first_line(error)}")
+        print(f"warning: could not back up the MLflow store {db}: {first_line(error)}")
         return None
 
 
@@ -195,10 +195,6 @@ def restore(db: Path, source: Path) -> Path | None:
     return aside if aside.exists() else None
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip() or type(error).__name__).splitlines()[0][:300]
-
-
 @stage_entry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -230,7 +226,7 @@ def _plain_errors(function: Callable[..., T], *args: Path) -> T:
     try:
         return function(*args)
     except (sqlite3.Error, OSError) as error:
-        raise PipelineError(f"{function.__name__} failed: {_first_line(error)}") from None
+        raise PipelineError(f"{function.__name__} failed: {first_line(error)}") from None
 
 
 if __name__ == "__main__":

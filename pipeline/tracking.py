@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-runs view, not GenAI
 CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"  # the registry aliases compare moves (promotable())
@@ -107,17 +107,8 @@ def stage_run(stage: str, experiment: str, variant: str | None = None, run_id: s
         else:  # a later stage adding to the run that produced its inputs
             run = mlflow.start_run(run_id=run_id)
             mlflow.set_tags({f"{stage}_git_commit": git_commit()})
-    try:
-        with store_errors(uri):
-            yield run
-    except (KeyboardInterrupt, SystemExit):
-        _end_run(mlflow, "KILLED")
-        raise
-    except BaseException as error:
-        _end_run(mlflow, "FAILED", error)
-        raise
-    with store_errors(uri):
-        mlflow.end_run("FINISHED")
+    with store_errors(uri), _ended(mlflow):  # a store error while ending the run is one line too
+        yield run
 
 
 @contextmanager
@@ -126,8 +117,15 @@ def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
     import mlflow
 
     run = mlflow.start_run(run_name=name, nested=True, tags=tags)
-    try:
+    with _ended(mlflow):
         yield run
+
+
+@contextmanager
+def _ended(mlflow: Any) -> Iterator[None]:
+    """End the active run as its block ended: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error."""
+    try:
+        yield
     except (KeyboardInterrupt, SystemExit):
         _end_run(mlflow, "KILLED")
         raise
@@ -177,7 +175,7 @@ def _end_run(mlflow: Any, status: str, error: BaseException | None = None) -> No
     try:
         mlflow.end_run(status)
     except Exception as failure:  # noqa: BLE001
-        print(f"warning: could not end the MLflow run as {status}: {_first_line(failure)}")
+        print(f"warning: could not end the MLflow run as {status}: {first_line(failure)}")
 
 
 def close_orphans(experiment_id: str) -> None:
@@ -313,10 +311,5 @@ def _cause(error: BaseException) -> str:
     """The database's own error where SQLAlchemy wraps one: its first line can be advice about autoflush."""
     original = getattr(error, "orig", None)
     if isinstance(original, BaseException):
-        return f"({type(original).__module__}.{type(original).__name__}) {_first_line(original)}"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+        return f"({type(original).__module__}.{type(original).__name__}) {first_line(original)}"
+    return first_line(error)

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline import cli, config, tracking
 from pipeline.cli import stage_entry
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 SIDE = 28
 TOP = 3
@@ -34,7 +34,7 @@ def load_image(path: Path) -> np.ndarray:
     except UnidentifiedImageError:
         raise PipelineError(f"{path}: not a {' or '.join(FORMATS)} image") from None
     except OSError as error:  # a directory, no permission, a truncated or corrupt file
-        raise PipelineError(f"{path}: not a readable {' or '.join(FORMATS)} image: {_first_line(error)}") from None
+        raise PipelineError(f"{path}: not a readable {' or '.join(FORMATS)} image: {first_line(error)}") from None
     return _dark_background(_to_dataset_size(pixels))
 
 
@@ -88,16 +88,11 @@ def load_model(model_uri: str) -> object:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:
         raise PipelineError(
-            f"cannot load model {model_uri} from {tracking.tracking_uri()}: {_first_line(error)}"
+            f"cannot load model {model_uri} from {tracking.tracking_uri()}: {first_line(error)}"
         ) from None
     if "class_names" not in model.model_config:
         raise PipelineError(f"{model_uri} takes no raw images: it was not logged by pipeline.serving.log_model")
     return model
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
 
 
 @stage_entry

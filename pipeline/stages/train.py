@@ -419,13 +419,10 @@ def save_model(path: Path, params: config.TrainParams, result: TrainResult) -> N
 
 
 def save_models(directory: Path, params: config.TrainParams, results: list[TrainResult]) -> None:
-    """Every seed's model into `directory`, replaced as a whole; an error names the file, not the temp copy."""
+    """Every seed's model into `directory`, replaced as a whole."""
     with atomic_dir(directory) as temp:
         for result in results:
-            try:
-                save_model(temp / f"seed-{result.seed}.pt", params, result)
-            except PipelineError as error:
-                raise PipelineError(str(error).replace(str(temp), str(directory))) from None
+            save_model(temp / f"seed-{result.seed}.pt", params, result)
 
 
 def architecture(params: config.TrainParams) -> dict:
