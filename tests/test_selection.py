@@ -8,12 +8,12 @@ import statistics
 import pytest
 import torch
 
-from pipeline import stats
+from pipeline import config, stats
 from pipeline.errors import PipelineError
 from pipeline.stages import compare, prepare
 from tests.conftest import idx_bytes, make_split
 
-T_975 = {2: 4.302653, 4: 2.776445}  # Student t quantiles from a printed table (df -> t at 0.975)
+T_975 = {4: 2.776445}  # Student t quantiles from a printed table (df -> t at 0.975)
 
 
 def test_validation_split_is_stratified_exact_and_fixed_by_its_seed():
@@ -74,41 +74,91 @@ def test_t_interval_matches_a_table_computation():
     assert stats.t_interval([0.9]) is None
 
 
-def test_a_lead_smaller_than_the_seed_noise_is_not_beyond_it():
-    noisy = stats.paired_difference({"0": 0.86, "1": 0.84, "2": 0.87}, {"0": 0.85, "1": 0.85, "2": 0.85})
-    assert noisy["seeds"] == ["0", "1", "2"] and not noisy["beyond_noise"]
-    differences = [0.01, -0.01, 0.02]
-    half = T_975[2] * statistics.stdev(differences) / math.sqrt(3)
-    assert noisy["interval"] == pytest.approx(
+def test_verdicts_come_from_two_one_sided_tests_against_the_margin_with_bonferroni():
+    close = stats.paired_comparison({"0": 0.861, "1": 0.852, "2": 0.870}, {"0": 0.860, "1": 0.851, "2": 0.871}, 0.005)
+    differences = [0.001, 0.001, -0.001]
+    half = stats_t(0.95, 2) * statistics.stdev(differences) / math.sqrt(3)  # TOST at alpha 0.05: a 90% interval
+    assert close["interval"] == pytest.approx(
         [statistics.fmean(differences) - half, statistics.fmean(differences) + half]
     )
-    clear = stats.paired_difference({"0": 0.86, "1": 0.87, "2": 0.865}, {"0": 0.80, "1": 0.80, "2": 0.81})
-    assert clear["beyond_noise"] and clear["interval"][0] > 0
+    assert close["verdict"] == "equivalent" and close["seeds"] == ["0", "1", "2"]
+    # The same differences spread over more comparisons get a wider interval: Bonferroni.
+    corrected = stats.paired_comparison(
+        {"0": 0.861, "1": 0.852, "2": 0.870}, {"0": 0.860, "1": 0.851, "2": 0.871}, 0.005, comparisons=6
+    )
+    assert corrected["interval"][1] - corrected["interval"][0] > close["interval"][1] - close["interval"][0]
+    assert corrected["confidence"] == pytest.approx(1 - 0.1 / 6)
+    noisy = stats.paired_comparison({"0": 0.86, "1": 0.84, "2": 0.87}, {"0": 0.85, "1": 0.85, "2": 0.85}, 0.005)
+    assert noisy["verdict"] == "inconclusive"  # not "equivalent": failing to find a difference is no equivalence
+    better = stats.paired_comparison({"0": 0.86, "1": 0.87, "2": 0.865}, {"0": 0.80, "1": 0.80, "2": 0.81}, 0.005)
+    worse = stats.paired_comparison({"0": 0.80, "1": 0.80, "2": 0.81}, {"0": 0.86, "1": 0.87, "2": 0.865}, 0.005)
+    assert (better["verdict"], worse["verdict"]) == ("better", "worse")
+    assert stats.paired_comparison({"0": 0.9}, {"0": 0.8}, 0.005)["verdict"] == "inconclusive"  # one seed: no test
 
 
-def row(validation: list[float], passed: bool = True) -> dict:
+def stats_t(confidence: float, df: int) -> float:
+    return {(0.95, 2): 2.919986}[(confidence, df)]  # Student t at 0.95, 2 degrees of freedom, from a printed table
+
+
+def test_the_test_accuracy_interval_holds_the_test_sets_own_sampling_error():
+    generator = torch.Generator().manual_seed(0)
+    right = torch.rand(10000, generator=generator) < 0.87  # five seeds that agree on every image: no seed spread
+    interval = stats.bootstrap_accuracy_interval([right.tolist()] * 5, resamples=2000)
+    accuracy = right.float().mean().item()
+    binomial = 1.96 * math.sqrt(accuracy * (1 - accuracy) / 10000)  # about 0.0066
+    assert interval[0] < accuracy < interval[1]
+    assert interval[1] - interval[0] == pytest.approx(2 * binomial, rel=0.15)
+    assert stats.t_interval([accuracy] * 5) == pytest.approx((accuracy, accuracy))  # what seeds alone would say
+    assert stats.bootstrap_accuracy_interval([right.tolist()], resamples=200) is None  # one seed: no interval
+
+
+def row(
+    validation: list[float | None], train_gates: bool = True, test_gate: bool = True, changed: dict | None = None
+) -> dict:
     per_seed = {str(seed): {"validation_accuracy": value} for seed, value in enumerate(validation)}
-    mean = statistics.fmean(validation) if validation and validation[0] is not None else None
+    present = [value for value in validation if value is not None]
+    mean = statistics.fmean(present) if present else None
     return {
         "train": {"per_seed": per_seed, "aggregate": {"validation_accuracy_mean": mean}},
-        "eval": {"passed": passed},
+        "eval": {"train_gates_passed": train_gates, "passed": train_gates and test_gate},
+        "changed": changed or {},
     }
 
 
-def test_the_champion_has_the_best_mean_validation_accuracy_among_variants_that_pass():
+def choose(rows: dict, margin: float = 0.005, prefer: str = "fewest_changes") -> dict:
+    settings = config.CompareParams(margin=margin, alpha=0.05, prefer=prefer, bootstrap=100)
+    return compare.select(rows, compare.compare_pairs(rows, settings), settings)
+
+
+def test_the_champion_has_the_best_mean_validation_accuracy_among_variants_that_pass_the_train_gates():
     rows = {
-        "best_but_fails": row([0.95, 0.95, 0.95], passed=False),
+        "best_but_fails": row([0.95, 0.95, 0.95], train_gates=False),
         "second": row([0.86, 0.85, 0.87]),
         "third": row([0.80, 0.81, 0.80]),
-        "close": row([0.855, 0.85, 0.86]),
+        "close": row([0.855, 0.84, 0.865]),
     }
-    selection = compare.select(rows)
-    assert (selection["champion"], selection["runner_up"]) == ("second", "close")
-    assert selection["verdict"] == "indistinguishable"
-    assert compare.select({"a": row([0.9, 0.91, 0.9]), "b": row([0.8, 0.8, 0.81])})["verdict"] == "beyond seed noise"
+    selection = choose(rows)
+    assert selection["champion"] == "second" and selection["equivalent"] == []
+
+
+def test_the_test_gate_takes_no_part_in_the_choice():
+    rows = {"fails_test_gate": row([0.90, 0.91, 0.90], test_gate=False), "passes": row([0.80, 0.81, 0.80])}
+    assert choose(rows)["champion"] == "fails_test_gate"
+
+
+def test_among_equivalent_variants_the_stated_rule_picks_not_the_noise():
+    rows = {
+        "scratch": row([0.8801, 0.8702, 0.8753, 0.8651], changed={"impl": "scratch"}),
+        "defaults": row([0.8800, 0.8700, 0.8750, 0.8650]),
+        "worse": row([0.80, 0.81, 0.80, 0.79], changed={"init_std": 1.0}),
+    }
+    fewest = choose(rows)
+    assert (fewest["best_by_mean"], fewest["champion"], fewest["equivalent"]) == ("scratch", "defaults", ["defaults"])
+    assert choose(rows, prefer="first_listed")["champion"] == "scratch"
+    assert choose(rows, margin=0.0001)["champion"] == "scratch"  # a tighter margin: no longer equivalent
 
 
 def test_no_validation_data_means_no_champion_and_says_why():
-    selection = compare.select({"a": row([None, None]), "b": row([None])})
+    selection = choose({"a": row([None, None]), "b": row([None])})
     assert selection["champion"] is None and "validation is 0" in selection["reason"]
-    assert "gates" in compare.select({"a": row([0.9], passed=False)})["reason"]
+    assert "gates" in choose({"a": row([0.9], train_gates=False)})["reason"]
