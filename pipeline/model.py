@@ -67,18 +67,50 @@ def module_mlp(hidden: tuple[int, ...], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+InitStd = float | tuple[float, ...] | None  # one std for every layer, one per layer, or None: PyTorch's default
+
+
 def build(
-    impl: str, hidden: tuple[int, ...], activation: str, init_std: float, generator: torch.Generator | None = None
+    impl: str, hidden: tuple[int, ...], activation: str, init_std: InitStd, generator: torch.Generator | None = None
 ) -> nn.Module:
-    """The MLP with weights ~ N(0, init_std^2) and zero biases, drawn from `generator`."""
+    """The MLP with weights ~ N(0, init_std^2) and zero biases (or PyTorch's nn.Linear default), drawn from
+    `generator` in d2l's [fan_in, fan_out] layout: both forms start from the same numbers for the same seed."""
     model = ScratchMLP(hidden, activation) if impl == "scratch" else module_mlp(hidden, activation)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.split(".")[-1].startswith(("W", "weight")):
-                parameter.normal_(0.0, init_std, generator=generator)
-            else:
-                parameter.zero_()
+        for layer, (weight, bias) in enumerate(initial_layers(hidden, init_std, generator)):
+            set_layer(model, layer, weight, bias)
     return model
+
+
+def initial_layers(hidden: tuple[int, ...], init_std: InitStd, generator: torch.Generator | None) -> list:
+    """Each layer's (W as [fan_in, fan_out], b), drawn in layer order from one generator."""
+    sizes = (INPUTS, *hidden, OUTPUTS)
+    stds = init_std if isinstance(init_std, tuple) else (init_std,) * (len(sizes) - 1)
+    if len(stds) != len(sizes) - 1:
+        raise PipelineError(f"init_std: got {len(stds)} values, expected one per layer ({len(sizes) - 1})")
+    layers = []
+    for (fan_in, fan_out), std in zip(zip(sizes, sizes[1:]), stds):
+        if (
+            std is None
+        ):  # nn.Linear's reset_parameters: kaiming_uniform_(a=sqrt(5)) and its bias, both U(+-1/sqrt(fan_in))
+            bound = fan_in**-0.5
+            weight = torch.empty(fan_in, fan_out).uniform_(-bound, bound, generator=generator)
+            bias = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
+        else:
+            weight, bias = torch.empty(fan_in, fan_out).normal_(0.0, std, generator=generator), torch.zeros(fan_out)
+        layers.append((weight, bias))
+    return layers
+
+
+def set_layer(model: nn.Module, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Set one layer from W as [fan_in, fan_out]: as it is for the scratch form, transposed for nn.Linear."""
+    if isinstance(model, ScratchMLP):
+        getattr(model, f"W{layer + 1}").copy_(weight)
+        getattr(model, f"b{layer + 1}").copy_(bias)
+    else:
+        linear = [module for module in model if isinstance(module, nn.Linear)][layer]
+        linear.weight.copy_(weight.T)
+        linear.bias.copy_(bias)
 
 
 def copy_weights(source: nn.Module, target: nn.Module) -> None:
