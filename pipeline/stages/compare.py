@@ -1,34 +1,37 @@
-"""Stage `compare`: the variants side by side (mean ± std over seeds), their curves, and the model to promote.
+"""Stage `compare`: the test figures of the variants that changed, every pairwise verdict, the champion.
 
-Built only from the JSON and CSV files that train and evaluate wrote (one record per fact). The choice uses
-validation figures only: the champion is the variant with the best mean validation accuracy among those
-whose every seed passes its gates, and its model is that variant's best-validation seed. The report says
-whether its lead over the runner-up exceeds the seed noise (a 95% interval on the paired per-seed
-difference). Only a run of committed code outside DVC experiments moves the alias `champion`; any other
-registers its pick under `challenger`.
+Built from the files train wrote (one record per fact). For each variant whose training changed since its last
+evaluation it reads the test split once per seed (pipeline/evaluation.py); the others keep their evaluation.
+Every pair of variants gets a verdict on validation accuracy, paired by seed: better, worse, equivalent (two
+one-sided tests against compare.margin) or inconclusive, Bonferroni-corrected over all pairs (pipeline/stats.py).
+The choice reads train and validation figures only: among the variants whose every seed passes the train gates,
+the best mean validation accuracy wins, and where other variants are equivalent to it, compare.prefer picks
+among them. The test gate and test accuracy are reported, never used to choose. Only a run of committed code
+outside DVC experiments moves the alias `champion`; any other registers its pick under `challenger`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
+import shutil
 from pathlib import Path
 
-from pipeline import cli, config, stats
+from pipeline import cli, config, evaluation, stats
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
-from pipeline.files import pyplot, read_json, write_json, write_png, write_text
+from pipeline.files import atomic_dir, pyplot, read_json, write_json, write_png, write_text
 
 
 def collect(params: config.Params, results: Path) -> dict[str, dict]:
-    """variant -> its train and eval figures, mean history, and the params it changes from the defaults."""
+    """variant -> its train figures, mean history, and the params it changes from the defaults."""
     defaults = dataclasses.asdict(params.train)
     rows = {}
     for name, variant in params.variants.items():
         changed = {key: value for key, value in dataclasses.asdict(variant).items() if defaults[key] != value}
         rows[name] = {
             "train": read_json(results / name / "train.json"),
-            "eval": read_json(results / name / "eval.json"),
             "history": read_history(results / name / "history.csv"),
             "changed": changed,
         }
@@ -45,8 +48,35 @@ def read_history(path: Path) -> list[dict]:
         raise PipelineError(f"cannot read {path}: {error}") from None
 
 
+def evaluate_changed(params: config.Params, rows: dict, args) -> set[str]:
+    """Put each variant's evaluation in rows[name]["eval"]: kept from --evaluations where its key still matches,
+    else made now (the test split is loaded once, and only then). Returns the variants evaluated now."""
+    test, fresh = None, set()
+    for name, row in rows.items():
+        settings = evaluation_settings(params, name)
+        key = evaluation.cache_key(args.results / name / "train.json", args.models / name, args.test, settings)
+        kept = args.evaluations / f"{name}.json"
+        if kept.is_file() and read_json(kept).get("key") == key:
+            row["eval"] = read_json(kept)
+            continue
+        if test is None:
+            from pipeline.tensors import load_split
+
+            test = load_split(args.test)
+        row["eval"] = {
+            **evaluation.evaluate_variant(name, row["train"], args.models / name, test, settings),
+            "key": key,
+        }
+        fresh.add(name)
+    return fresh
+
+
+def evaluation_settings(params: config.Params, variant: str) -> dict:
+    return {"loss": params.variant(variant).loss, "thresholds": params.evaluate, "bootstrap": params.compare.bootstrap}
+
+
 def validation_accuracies(row: dict) -> dict[str, float]:
-    """seed -> final validation accuracy, for the seeds that have one."""
+    """seed -> final validation accuracy, for the finite seeds that have one."""
     return {
         seed: figures["validation_accuracy"]
         for seed, figures in row["train"]["per_seed"].items()
@@ -54,63 +84,125 @@ def validation_accuracies(row: dict) -> dict[str, float]:
     }
 
 
-def select(rows: dict[str, dict]) -> dict:
-    """The champion by mean validation accuracy among variants whose every seed passes, and how sure that is."""
-    eligible = [name for name, row in rows.items() if row["eval"]["passed"] and validation_accuracies(row)]
-    ranked = sorted(eligible, key=lambda name: -rows[name]["train"]["aggregate"]["validation_accuracy_mean"])
-    if not ranked:
+def compare_pairs(rows: dict[str, dict], settings: config.CompareParams) -> list[dict]:
+    """Every pair (in params order), first minus second in validation accuracy, paired by seed, Bonferroni over all."""
+    pairs = list(itertools.combinations(rows, 2))
+    comparisons = []
+    for first, second in pairs:
+        result = stats.paired_comparison(
+            validation_accuracies(rows[first]),
+            validation_accuracies(rows[second]),
+            settings.margin,
+            comparisons=len(pairs),
+            alpha=settings.alpha,
+        )
+        comparisons.append({"a": first, "b": second, **result})
+    return comparisons
+
+
+def verdict_between(comparisons: list[dict], first: str, second: str) -> str:
+    """The verdict for first against second, whichever order the pair was compared in."""
+    flipped = {"better": "worse", "worse": "better"}
+    for comparison in comparisons:
+        if (comparison["a"], comparison["b"]) == (first, second):
+            return comparison["verdict"]
+        if (comparison["a"], comparison["b"]) == (second, first):
+            return flipped.get(comparison["verdict"], comparison["verdict"])
+    raise KeyError((first, second))
+
+
+def select(rows: dict[str, dict], comparisons: list[dict], settings: config.CompareParams) -> dict:
+    """The champion from train and validation figures only: best mean validation accuracy among variants whose
+    every seed passes the train gates; among the variants equivalent to it, the one compare.prefer names."""
+    eligible = [name for name, row in rows.items() if row["eval"]["train_gates_passed"] and validation_accuracies(row)]
+    if not eligible:
         no_validation = not any(validation_accuracies(row) for row in rows.values())
         reason = (
             "prepare.validation is 0: there is no validation data to choose on"
             if no_validation
-            else "no variant passes its gates on every seed"
+            else "no variant passes the train gates on every seed"
         )
-        return {"champion": None, "runner_up": None, "reason": reason, "lead": None, "verdict": None}
-    champion, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else None
-    lead = (
-        stats.paired_difference(validation_accuracies(rows[champion]), validation_accuracies(rows[runner_up]))
-        if runner_up
-        else None
-    )
-    verdict = ("beyond seed noise" if lead["beyond_noise"] else "indistinguishable") if lead else "no runner-up"
+        return {"champion": None, "best_by_mean": None, "equivalent": [], "reason": reason}
+    best = max(eligible, key=lambda name: rows[name]["train"]["aggregate"]["validation_accuracy_mean"])
+    tied = [name for name in eligible if name == best or verdict_between(comparisons, name, best) == "equivalent"]
+    champion = min(tied, key=lambda name: preference(name, rows, settings.prefer))
+    reason = "best mean validation accuracy among variants whose every seed passes the train gates"
+    if champion != best:
+        reason = f"equivalent to the best by mean, {best}, and preferred by compare.prefer={settings.prefer}"
     return {
         "champion": champion,
-        "runner_up": runner_up,
-        "lead": lead,
-        "verdict": verdict,
-        "reason": "best mean validation accuracy among variants whose every seed passes its gates",
+        "best_by_mean": best,
+        "equivalent": [name for name in tied if name != best],
+        "reason": reason,
     }
 
 
-def summary(rows: dict[str, dict], selection: dict) -> dict:
-    """compare.json: per variant the means, spreads and interval; then the selection."""
+def preference(name: str, rows: dict[str, dict], rule: str) -> tuple:
+    """fewest_changes: fewest train keys changed, then params order; first_listed: params order."""
+    order = list(rows).index(name)
+    return (len(rows[name]["changed"]), order) if rule == "fewest_changes" else (order,)
+
+
+def summary(rows: dict[str, dict], selection: dict, comparisons: list[dict], settings: config.CompareParams) -> dict:
+    """compare.json: per variant the means (n: finite seeds), spreads and intervals; the verdicts; the selection."""
     variants = {}
     for name, row in rows.items():
         trained, evaluated = row["train"]["aggregate"], row["eval"]
         variants[name] = {
             "seeds": row["train"]["seeds"],
+            "finite_seeds": trained["finite_seeds"],
+            "precision": row["train"].get("precision"),
             "validation_accuracy_mean": trained["validation_accuracy_mean"],
             "validation_accuracy_std": trained["validation_accuracy_std"],
             "test_accuracy_mean": evaluated["test_accuracy_mean"],
             "test_accuracy_std": evaluated["test_accuracy_std"],
             "test_accuracy_ci95": evaluated["test_accuracy_ci95"],
+            "test_accuracy_ci95_method": evaluated["test_accuracy_ci95_method"],
             "train_loss_mean": trained["train_loss_mean"],
             "train_loss_std": trained["train_loss_std"],
+            "train_gates_passed": evaluated["train_gates_passed"],
             "gates_passed": evaluated["passed"],
             "gate_pass_fraction": evaluated["gate_pass_fraction"],
             "diverged_seeds": trained["diverged_seeds"],
-            "epochs": max((seed["epochs_completed"] for seed in row["train"]["per_seed"].values()), default=0),
+            "epochs": _epochs(row),
         }
-    return {"champion": selection["champion"], "selection": selection, "variants": variants}
+    return {
+        "champion": selection["champion"],
+        "selection": selection,
+        "margin": settings.margin,
+        "alpha": settings.alpha,
+        "correction": f"Bonferroni over {len(comparisons)} comparisons",
+        "comparisons": comparisons,
+        "variants": variants,
+    }
 
 
-def markdown(rows: dict[str, dict], selection: dict, registered: dict | None, curves: str) -> str:
+def dvc_metrics(rows: dict[str, dict]) -> dict:
+    """The few numbers `dvc metrics diff` and `dvc exp show` list per variant (means over the finite seeds)."""
+    return {
+        name: {
+            "val_acc": _round(row["train"]["aggregate"]["validation_accuracy_mean"]),
+            "test_acc": _round(row["eval"]["test_accuracy_mean"]),
+            "test_acc_std": _round(row["eval"]["test_accuracy_std"]),
+            "train_loss": _round(row["train"]["aggregate"]["train_loss_mean"]),
+            "gates": row["eval"]["passed_fraction"],
+        }
+        for name, row in rows.items()
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: dict | None, curves: str) -> str:
     lines = [
         "# Variant comparison",
         "",
-        "Mean ± std over the seeds; the choice uses validation accuracy only, the test split is reported.",
+        "Mean ± std over the finite seeds (n of seeds); the choice uses train and validation figures only, the "
+        "test split is reported, its 95% interval resampling seeds and test images.",
         "",
-        "| variant | differs from `train` | seeds | val acc | test acc (95% CI) | train loss | gates pass | epochs |",
+        "| variant | differs from `train` | n | val acc | test acc (95% CI) | train loss | gates pass | epochs |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -122,17 +214,14 @@ def markdown(rows: dict[str, dict], selection: dict, registered: dict | None, cu
         )
         label = f"**{name}** (champion)" if name == selection["champion"] else name
         lines.append(
-            f"| {label} | {changed} | {len(row['train']['seeds'])} "
+            f"| {label} | {changed} | {trained['finite_seeds']} of {len(row['train']['seeds'])} "
             f"| {_pm(trained['validation_accuracy_mean'], trained['validation_accuracy_std'])} | {test} "
-            f"| {_pm(trained['train_loss_mean'], trained['train_loss_std'])} | {_gates(row)} "
-            f"| {_epochs(row)} |"
+            f"| {_pm(trained['train_loss_mean'], trained['train_loss_std'])} | {_gates(row)} | {_epochs(row)} |"
         )
+    lines += ["", *comparison_lines(result), "", *selection_lines(selection, registered), ""]
     lines += [
-        "",
-        *selection_lines(selection, registered),
-        "",
         "Gates are d2l's `train_ch3` assertions (train loss < threshold, train and test accuracy > threshold), "
-        "judged per seed.",
+        "judged per seed; a diverged seed fails them all.",
         "",
         f"![curves]({curves})",
         "",
@@ -140,19 +229,33 @@ def markdown(rows: dict[str, dict], selection: dict, registered: dict | None, cu
     return "\n".join(lines)
 
 
+def comparison_lines(result: dict) -> list[str]:
+    confidence = result["comparisons"][0]["confidence"] if result["comparisons"] else None
+    lines = [
+        f"Pairwise, validation accuracy (a - b), paired by seed; equivalent within ±{result['margin']} by two "
+        f"one-sided tests; {result['correction']}"
+        + (f", so each interval is a {confidence:.2%} t interval." if confidence else "."),
+        "",
+        "| a | b | difference | interval | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison in result["comparisons"]:
+        interval = comparison["interval"]
+        span = f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "-"
+        difference = comparison["difference_mean"]
+        lines.append(
+            f"| {comparison['a']} | {comparison['b']} | {'-' if difference is None else f'{difference:+.4f}'} "
+            f"| {span} | {comparison['verdict']} |"
+        )
+    return lines
+
+
 def selection_lines(selection: dict, registered: dict | None) -> list[str]:
     if selection["champion"] is None:
         return [f"Champion: none ({selection['reason']})."]
     lines = [f"Champion: **{selection['champion']}** ({selection['reason']})."]
-    lead = selection["lead"]
-    if lead and lead["interval"]:
-        lines.append(
-            f"Lead over {selection['runner_up']} in validation accuracy: {lead['mean']:+.4f}, 95% interval "
-            f"{lead['interval'][0]:+.4f} to {lead['interval'][1]:+.4f} over seeds {lead['seeds']}: "
-            f"**{selection['verdict']}**."
-        )
-    elif selection["runner_up"]:
-        lines.append(f"Lead over {selection['runner_up']}: **{selection['verdict']}** (fewer than two shared seeds).")
+    if selection["equivalent"]:
+        lines.append(f"Equivalent to {selection['best_by_mean']}: {', '.join(selection['equivalent'])}.")
     if registered:
         lines.append(
             f"Registered `{registered['name']}` version {registered['version']} (seed {registered['seed']}, "
@@ -264,29 +367,41 @@ def _check_artifacts(model_uri: str | None) -> None:
 @stage_entry
 def main() -> None:
     parser = cli.stage_parser(__doc__)
-    parser.add_argument("--results", type=Path, required=True, help="directory of <variant>/{train,eval}.json")
+    parser.add_argument("--results", type=Path, required=True, help="directory of <variant>/{train.json,history.csv}")
+    parser.add_argument("--models", type=Path, required=True, help="directory of <variant>/seed-<s>.pt")
+    parser.add_argument("--test", type=Path, required=True, help="the prepared test split (test.pt)")
+    parser.add_argument("--evaluations", type=Path, required=True, help="directory of <variant>.json and its PNG")
+    parser.add_argument("--confusion", type=Path, required=True, help="directory of <variant>.json for dvc plots")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON: the few numbers DVC compares")
     parser.add_argument("--report", type=Path, required=True, help="Markdown table")
-    parser.add_argument("--summary", type=Path, required=True, help="JSON: per-variant figures and the selection")
+    parser.add_argument("--summary", type=Path, required=True, help="JSON: figures, verdicts and the selection")
     parser.add_argument("--curves", type=Path, required=True, help="PNG of all variants' curves")
     args = parser.parse_args()
     params = config.load(args.params)
     rows = collect(params, args.results)
-    selection = select(rows)
+    fresh = evaluate_changed(params, rows, args)
+    comparisons = compare_pairs(rows, params.compare)
+    selection = select(rows, comparisons, params.compare)
+    result = summary(rows, selection, comparisons, params.compare)
 
     from pipeline import tracking
 
     with tracking.stage_run("compare", params.mlflow.experiment) as mlflow_run:
         import mlflow
 
+        from pipeline.datasets import class_names
+
+        names = class_names(params.data.dataset)
+        for name in fresh:
+            evaluation.log(rows[name]["train"], rows[name]["eval"], names)
         draw_curves(args.curves, rows)
-        result = summary(rows, selection)
         registered = None
         if selection["champion"] is not None:
             registered = register(selection["champion"], rows[selection["champion"]], params.mlflow.registered_model)
             mlflow.set_tags(
                 {"champion": selection["champion"], f"{registered['alias']}_version": registered["version"]}
             )
-        report = markdown(rows, selection, registered, args.curves.name)
+        report = markdown(rows, selection, result, registered, args.curves.name)
         result.update(
             registered=registered,
             mlflow_run_id=mlflow_run.info.run_id,
@@ -297,9 +412,26 @@ def main() -> None:
         mlflow.log_text(report, "compare.md")
         mlflow.log_artifact(str(args.curves))
         mlflow.log_dict(result, "compare.json")
+        write_evaluations(args, rows, fresh, names)
+        write_json(args.metrics, dvc_metrics(rows))
         write_text(args.report, report)
         write_json(args.summary, result)
     print(report)
+
+
+def write_evaluations(args, rows: dict[str, dict], fresh: set[str], names: tuple[str, ...]) -> None:
+    """Each variant's evaluation and confusion matrix (PNG, and rows for dvc plots); kept ones are copied over."""
+    with atomic_dir(args.evaluations) as evaluations, atomic_dir(args.confusion) as confusion:
+        for name, row in rows.items():
+            matrix = row["eval"]["confusion"]
+            png = f"{name}-confusion.png"
+            if name in fresh or not (args.evaluations / png).is_file():
+                title = f"{name}: confusion matrix (test), seed {row['eval']['model_seed']}"
+                evaluation.draw_confusion(evaluations / png, matrix, names, title)
+            else:
+                shutil.copy2(args.evaluations / png, evaluations / png)
+            write_json(evaluations / f"{name}.json", row["eval"])
+            write_json(confusion / f"{name}.json", evaluation.confusion_records(matrix, names) if matrix else [])
 
 
 if __name__ == "__main__":
