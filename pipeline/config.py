@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from pipeline import datasets
 from pipeline.params_file import (
@@ -21,13 +21,16 @@ from pipeline.params_file import (
     Count,
     Flag,
     Fraction,
+    Integer,
     NonNegativeInteger,
+    Number,
     ParamsError,
     PositiveNumber,
     Seed,
     Seeds,
     Text,
     VariantName,
+    distinct,
     load_section,
     params_class,
     read_yaml,
@@ -86,6 +89,8 @@ class TrainParams:
     epochs: Count
     seeds: Seeds
     device: Literal["auto", "cpu", "cuda", "mps"]
+    # bf16 matrix multiplies (fp32 weights, update, loss) for the batched SGD step; auto: where the hardware has bf16
+    precision: Literal["auto", "fp32", "bf16"]
 
 
 @params_class
@@ -96,6 +101,26 @@ class EvaluateParams:
 
 
 @params_class
+class CompareParams:
+    margin: Annotated[Number, Field(gt=0, lt=1, description="a number between 0 and 1 (exclusive)")]
+    alpha: Annotated[Number, Field(gt=0, lt=0.5, description="a number between 0 and 0.5 (exclusive)")]
+    prefer: Literal["fewest_changes", "first_listed"]
+    bootstrap: Annotated[Integer, Field(ge=100, description="an integer >= 100")]
+
+
+@params_class
+class InitScaleParams:
+    experiment: Text
+    stds: Annotated[tuple[PositiveNumber, ...], Field(min_length=1), AfterValidator(distinct)]
+    mixed: tuple[tuple[PositiveNumber, PositiveNumber], ...]
+    pytorch_default: Flag
+    seeds: Seeds
+    epochs: Count
+    report_epochs: Annotated[tuple[Count, ...], Field(min_length=1), AfterValidator(distinct)]
+    probe: Count
+
+
+@params_class
 class Params:
     data: DataParams
     prepare: PrepareParams
@@ -103,6 +128,8 @@ class Params:
     train: TrainParams
     variants: Annotated[dict[VariantName, TrainParams], Field(min_length=1, description="at least one variant")]
     evaluate: EvaluateParams
+    compare: CompareParams
+    init_scale: InitScaleParams
 
     def variant(self, name: str) -> TrainParams:
         """The train defaults with the variant's overrides."""
@@ -118,9 +145,23 @@ def load(path: Path = DEFAULT_PARAMS) -> Params:
     spec = params.data.spec()
     _check_validation(params.prepare, spec)
     _check_memory("train", params.train, spec.classes)
+    _check_init_scale(params.init_scale, params.train)
     for name, variant in params.variants.items():
         _check_memory(f"variants.{name}", variant, spec.classes)
     return params
+
+
+def _check_init_scale(study: InitScaleParams, train: TrainParams) -> None:
+    """The study reports epochs it trains, and names W1 and W2: one hidden layer."""
+    late = [epoch for epoch in study.report_epochs if epoch > study.epochs]
+    if late:
+        raise ParamsError(
+            f"init_scale.report_epochs: got {late}, expected epochs <= init_scale.epochs ({study.epochs})"
+        )
+    if len(train.hidden) != 1:
+        raise ParamsError(
+            f"train.hidden: got {list(train.hidden)}, expected one hidden layer for init_scale (it varies W1 and W2)"
+        )
 
 
 def _with_variant_defaults(raw: Any) -> Any:

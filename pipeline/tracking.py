@@ -313,3 +313,33 @@ def _cause(error: BaseException) -> str:
     if isinstance(original, BaseException):
         return f"({type(original).__module__}.{type(original).__name__}) {first_line(original)}"
     return first_line(error)
+
+
+@contextmanager
+def child_runs(runs: dict[Any, tuple[str, dict[str, str]]]) -> Iterator[dict[Any, str]]:
+    """Nested runs under the active stage run that stay open together (models trained as one batch): key ->
+    run id. Each ends as the block ended, like child_run; a run the store cannot end is closed later
+    (close_orphans: its tags name this process)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = mlflow.active_run()
+    run_ids = {
+        key: client.create_run(
+            parent.info.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent.info.run_id}
+        ).info.run_id
+        for key, (name, tags) in runs.items()
+    }
+    status = "FAILED"
+    try:
+        yield run_ids
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        for run_id in run_ids.values():
+            try:
+                client.set_terminated(run_id, status)
+            except Exception as failure:  # noqa: BLE001 - the next stage closes what is left
+                print(f"warning: could not end MLflow run {run_id} as {status}: {first_line(failure)}")

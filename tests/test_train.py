@@ -114,7 +114,7 @@ def test_other_seed_gives_another_history(data):
     )
 
 
-@pytest.mark.parametrize("overrides", [{"lr": 1e4}, {"lr": 1e5}])
+@pytest.mark.parametrize("overrides", [{"lr": 1e5}, {"lr": 1e4, "init_std": 1.0}])
 def test_divergence_is_recorded_not_raised(data, overrides):
     result = train.run(params(**overrides), 0, *data)
     assert result.diverged is not None
@@ -122,6 +122,76 @@ def test_divergence_is_recorded_not_raised(data, overrides):
     assert len(result.history) == result.diverged["epoch"] - 1
     figures = train.seed_summary(result)
     assert figures["diverged"] is True and figures["diverged_epoch"] == result.diverged["epoch"]
+
+
+def test_a_seed_that_diverges_in_a_batch_leaves_the_others_as_they_would_be_alone(data):
+    strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+    both = train.run_batched(params(lr=1e4, init_std=1.0, seeds=(0, 2), precision="fp32"), *data)
+    alone = train.run_batched(params(lr=1e4, init_std=1.0, seeds=(2,), precision="fp32"), *data)
+    assert both[0].diverged is not None and both[1].diverged is None
+    assert strip(both[1].history) == strip(alone[0].history)
+    assert train.seed_summary(both[0])["train_loss"] is None
+
+
+def test_a_diverged_seed_has_null_figures_even_after_finite_epochs(data):
+    """Its last finite epoch is not its result: it must not enter the means or pass a gate."""
+    result = train.TrainResult(
+        0,
+        None,
+        "cpu",
+        history=[
+            {
+                "epoch": 1,
+                "train_loss": 0.3,
+                "train_accuracy": 0.9,
+                "validation_loss": 0.3,
+                "validation_accuracy": 0.9,
+                "seconds": 1.0,
+            }
+        ],
+        diverged={"epoch": 2, "step": 5, "loss": "nan"},
+    )
+    figures = train.seed_summary(result)
+    assert [figures[key] for key in ("train_loss", "train_accuracy", "validation_loss", "validation_accuracy")] == [
+        None
+    ] * 4
+    assert figures["epochs_completed"] == 1
+    finite = train.TrainResult(1, None, "cpu", history=[{**result.history[0], "validation_accuracy": 0.8}])
+    summary = train.summarize("v", [result, finite], "run")
+    assert summary["aggregate"]["finite_seeds"] == 1 and summary["aggregate"]["validation_accuracy_mean"] == 0.8
+
+
+def test_both_forms_start_from_the_same_weights_seed_by_seed(data):
+    """One draw in d2l's [fan_in, fan_out] layout, transposed for nn.Linear: the initial losses agree to rounding."""
+    for seed in (0, 1, 2):
+        module = train.initial_model(params(impl="module"), seed, torch.device("cpu"))
+        scratch = train.initial_model(params(impl="scratch"), seed, torch.device("cpu"))
+        assert torch.equal(module[1].weight.T, scratch.W1) and torch.equal(module[3].weight.T, scratch.W2)
+    batched = train.run_batched(params(impl="module", seeds=(0, 1, 2), epochs=1), *data)
+    for result in batched:
+        scratch = train.run(params(impl="scratch", epochs=1), result.seed, *data)
+        assert result.initial_loss == pytest.approx(scratch.initial_loss, rel=1e-6)
+    assert len({result.initial_loss for result in batched}) == 3  # and the seeds differ
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_shorter_run_is_the_prefix_of_a_longer_one(data, precision):
+    """With a constant learning rate, epoch 10 of a 30-epoch run is a 10-epoch run: the study reads both from one."""
+    strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+    short = train.run_batched(params(epochs=2, seeds=(0, 1), precision=precision), *data)
+    long = train.run_batched(params(epochs=4, seeds=(0, 1), precision=precision), *data)
+    for first, second in zip(short, long):
+        assert strip(second.history[:2]) == strip(first.history) and len(second.history) == 4
+
+
+def test_seeds_trained_together_match_seeds_trained_alone(data):
+    """The batched fp32 step against the one-model written-out step, seed by seed, within float tolerance."""
+    together = train.run_batched(params(epochs=2, seeds=(0, 1, 2), precision="fp32"), *data)
+    for result in together:
+        alone = train.run(params(epochs=2), result.seed, *data)
+        for mine, theirs in zip(result.history, alone.history):
+            for key in ("train_loss", "validation_loss", "validation_accuracy"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adagrad", "rmsprop"])

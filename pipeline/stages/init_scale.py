@@ -1,0 +1,345 @@
+"""Stage `init_scale`: why N(0, 0.01) trains and N(0, 1) does not, measured across init scales.
+
+d2l's MLP (train's hidden width, lr, batch size, precision and device) starts from each point of
+params.yaml's `init_scale`: W1 and W2 ~ N(0, std^2) on a log grid, mixed pairs (W1 scaled, W2 not), and
+nn.Linear's own default init. Every point and seed trains as one batched computation (pipeline/batched.py),
+each model with its own init and shuffling, for init_scale.epochs; the figures at each report epoch come from
+those same runs, since a constant learning rate makes a shorter run the prefix of a longer one. At init and
+after each epoch it measures, per model, on a fixed probe of train images: the loss, the spread of the logits,
+the fraction of images whose top softmax probability exceeds 0.99 (saturated), the fraction of hidden ReLUs
+that are zero on every probe image (dead), and each layer's gradient and weight norms; plus the epoch's train
+loss and the validation accuracy. One MLflow run per point and seed (experiment init_scale.experiment),
+logged with step = epoch; reports/init_scale.json and its figure hold the means and spreads over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import batched, cli, config, cpu
+from pipeline import model as mlp
+from pipeline.cli import stage_entry
+from pipeline.files import pyplot, write_json, write_png
+from pipeline.stages.train import resolve_device
+from pipeline.stats import mean_and_std
+from pipeline.tensors import load_split
+
+DIAGNOSTICS = (
+    "loss",
+    "logit_std",
+    "saturated_fraction",
+    "dead_relu_fraction",
+    "grad_norm_w1",
+    "grad_norm_w2",
+    "weight_norm_w1",
+    "weight_norm_w2",
+)
+SATURATED = 0.99  # top softmax probability above this: the image's gradient has all but vanished
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    w1_std: float | None  # None: nn.Linear's default init for that layer
+    w2_std: float | None
+
+
+def points(study: config.InitScaleParams) -> list[Point]:
+    """The grid, then the mixed pairs, then PyTorch's default, in params.yaml's order."""
+    grid = [Point(f"std {std:g}", std, std) for std in study.stds]
+    mixed = [Point(f"W1 {w1:g}, W2 {w2:g}", w1, w2) for w1, w2 in study.mixed]
+    return grid + mixed + ([Point("pytorch default", None, None)] if study.pytorch_default else [])
+
+
+@torch.no_grad()
+def diagnose(group: batched.Stack, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each model's figures on one batch of images (fp32, one hidden layer): DIAGNOSTICS -> [M] tensors."""
+    (w1, w2), (b1, b2) = group.weights, group.biases
+    count, inputs = len(labels), images.expand(len(w1), *images.shape)
+    hidden = torch.baddbmm(b1.unsqueeze(1), inputs, w1).relu_()
+    logits = torch.baddbmm(b2.unsqueeze(1), hidden, w2)
+    log_probabilities = logits.log_softmax(-1)
+    targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    grad_logits = (log_probabilities.exp() - targets) / count  # d(mean loss)/d(logits)
+    grad_hidden = torch.bmm(grad_logits, w2.transpose(1, 2)) * (hidden > 0)
+    return {
+        "loss": -(log_probabilities * targets).sum((1, 2)) / count,
+        "logit_std": logits.flatten(1).std(1),
+        "saturated_fraction": (log_probabilities.amax(-1).exp() > SATURATED).float().mean(1),
+        "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
+        "grad_norm_w1": torch.bmm(inputs.transpose(1, 2), grad_hidden).flatten(1).norm(dim=1),
+        "grad_norm_w2": torch.bmm(hidden.transpose(1, 2), grad_logits).flatten(1).norm(dim=1),
+        "weight_norm_w1": w1.flatten(1).norm(dim=1),
+        "weight_norm_w2": w2.flatten(1).norm(dim=1),
+    }
+
+
+def train(
+    study: config.InitScaleParams, train_params: config.TrainParams, data: dict, report=lambda records: None
+) -> tuple[list[tuple[Point, int]], list[list[dict]], str]:
+    """Every (point, seed) trained together; per model, one record per epoch (epoch 0 is at init)."""
+    device = resolve_device(train_params.device)
+    precision = batched.resolve_precision(train_params.precision, device)
+    models = [(point, seed) for point in points(study) for seed in study.seeds]
+    nets = [initial_net(point, seed, train_params.hidden, device) for point, seed in models]
+    group = batched.stack(nets, device)
+    (train_images, train_labels), validation = (
+        (x.to(device), y.to(device)) for x, y in (data["train"], data["validation"])
+    )
+    probe = tuple(tensor[: study.probe] for tensor in (train_images, train_labels))
+    shuffles = [torch.Generator(device=device).manual_seed(seed) for _, seed in models]
+    histories: list[list[dict]] = [[] for _ in models]
+    full_loss = batched.evaluate(group, train_images, train_labels)[0]  # epoch 0: the train loss at init
+    _record(histories, 0, full_loss.tolist(), group, probe, validation, 0.0)
+    report([history[-1] for history in histories])
+    for epoch in range(1, study.epochs + 1):
+        started = time.perf_counter()
+        step_losses, _ = batched.sgd_epoch(
+            group, train_params.lr, train_images, train_labels, train_params.batch_size, shuffles, precision
+        )
+        train_loss = (step_losses.sum(1) / len(train_labels)).tolist()
+        _record(histories, epoch, train_loss, group, probe, validation, time.perf_counter() - started)
+        report([history[-1] for history in histories])
+    return models, histories, precision
+
+
+def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.device) -> torch.nn.Module:
+    """d2l's nn.Sequential MLP at the point's init, drawn like train's: at std 0.01 it is the d2l variant's start."""
+    generator = torch.Generator().manual_seed(seed)
+    return mlp.build("module", hidden, "relu", (point.w1_std, point.w2_std), generator).to(device)
+
+
+def _record(histories, epoch: int, train_loss: list[float], group, probe, validation, seconds: float) -> None:
+    """Append each model's epoch: train loss, validation accuracy, and the probe's diagnostics (null if diverged)."""
+    figures = {name: values.tolist() for name, values in diagnose(group, *probe).items()}
+    accuracy = batched.evaluate(group, *validation)[1].tolist() if len(validation[1]) else [None] * len(histories)
+    for index, history in enumerate(histories):
+        diverged = bool(history and history[-1]["train_loss"] is None) or not math.isfinite(train_loss[index])
+        record = {"epoch": epoch, "train_loss": train_loss[index], "validation_accuracy": accuracy[index]}
+        record.update({name: values[index] for name, values in figures.items()})
+        if diverged:  # a seed that went non-finite keeps null figures from then on
+            record = {key: (epoch if key == "epoch" else None) for key in record}
+        history.append({**record, "seconds": seconds})
+
+
+def summarize(study: config.InitScaleParams, models, histories, loss_gate: float) -> list[dict]:
+    """init_scale.json's points: per report epoch and at init, means and spreads over the point's seeds."""
+    summary = []
+    for point in points(study):
+        runs = [history for (other, _), history in zip(models, histories) if other == point]
+        epochs = {str(epoch): _epoch_summary([run[epoch] for run in runs], loss_gate) for epoch in study.report_epochs}
+        at_init = {name: mean_and_std([run[0][name] for run in runs])[0] for name in DIAGNOSTICS}
+        summary.append(
+            {
+                "label": point.label,
+                "w1_std": point.w1_std,
+                "w2_std": point.w2_std,
+                "seeds": list(study.seeds),
+                "epochs": epochs,
+                "at_init": at_init,
+                "curve": [_curve_point([run[epoch] for run in runs]) for epoch in range(len(runs[0]))],
+            }
+        )
+    return summary
+
+
+def _curve_point(records: list[dict]) -> dict:
+    """One epoch of a point's curve: train loss and validation accuracy, mean and std over seeds."""
+    figures = {"epoch": records[0]["epoch"]}
+    for name in ("train_loss", "validation_accuracy"):
+        figures[f"{name}_mean"], figures[f"{name}_std"] = mean_and_std([record[name] for record in records])
+    return figures
+
+
+def _epoch_summary(records: list[dict], loss_gate: float) -> dict:
+    """Mean and std over seeds (n: the finite ones) of every figure, and the fraction passing the loss gate."""
+    figures = {"finite_seeds": sum(record["train_loss"] is not None for record in records)}
+    for name in ("train_loss", "validation_accuracy", *DIAGNOSTICS[1:]):
+        figures[f"{name}_mean"], figures[f"{name}_std"] = mean_and_std([record[name] for record in records])
+    passing = [record["train_loss"] is not None and record["train_loss"] < loss_gate for record in records]
+    figures["loss_gate_pass_fraction"] = sum(passing) / len(records)
+    return figures
+
+
+def _x(point: dict) -> float:
+    """Where a point sits on the init-std axis: its W1 std; PyTorch's default at its W1 std, 1/sqrt(3 * 784)."""
+    return point["w1_std"] if point["w1_std"] is not None else 1 / math.sqrt(3 * mlp.INPUTS)
+
+
+def draw(path: Path, summary: list[dict], report_epochs: tuple[int, ...]) -> None:
+    """Loss and accuracy against init std at each report epoch (seed bands), the diagnostics at init, the curves."""
+    plt = pyplot()
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    grid = [point for point in summary if point["w1_std"] is not None and point["w1_std"] == point["w2_std"]]
+    others = [point for point in summary if point not in grid]
+    stds = [point["w1_std"] for point in grid]
+    for panel, name, title in (
+        (axes[0, 0], "train_loss", "train loss"),
+        (axes[0, 1], "validation_accuracy", "validation accuracy"),
+    ):
+        for epoch in report_epochs:
+            means = [point["epochs"][str(epoch)][f"{name}_mean"] for point in grid]
+            spreads = [point["epochs"][str(epoch)][f"{name}_std"] for point in grid]
+            (line,) = panel.plot(stds, means, marker="o", label=f"epoch {epoch}")
+            panel.fill_between(
+                stds, _shift(means, spreads, -1), _shift(means, spreads, 1), color=line.get_color(), alpha=0.2
+            )
+            for marker, point in zip("s^Dv", others):
+                figures = point["epochs"][str(epoch)]
+                panel.errorbar(
+                    _x(point),
+                    figures[f"{name}_mean"],
+                    yerr=figures[f"{name}_std"] or 0,
+                    marker=marker,
+                    color=line.get_color(),
+                    linestyle="none",
+                    label=f"{point['label']}, epoch {epoch}",
+                )
+        panel.set(xscale="log", xlabel="init std (W1 and W2)", ylabel=title, title=f"{title} (mean ± std over seeds)")
+    axes[0, 0].set_yscale("log")
+    _at_init(axes[0, 2], grid, ("logit_std", "loss"), "log", "at init: logit std and loss")
+    _at_init(
+        axes[1, 0],
+        grid,
+        ("saturated_fraction", "dead_relu_fraction"),
+        "linear",
+        "at init: saturated images, dead ReLUs",
+    )
+    _at_init(axes[1, 1], grid, ("grad_norm_w1", "grad_norm_w2"), "log", "at init: gradient norms")
+    for point in summary:
+        curve = [entry for entry in point["curve"] if entry["train_loss_mean"] is not None]
+        axes[1, 2].plot(
+            [entry["epoch"] for entry in curve], [entry["train_loss_mean"] for entry in curve], label=point["label"]
+        )
+    axes[1, 2].set(yscale="log", xlabel="epoch", ylabel="train loss", title="train loss by epoch (mean over seeds)")
+    for panel in axes.flat:
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7)
+    figure.tight_layout()
+    write_png(path, figure)
+
+
+def _shift(means: list, spreads: list, sign: int) -> list:
+    return [None if mean is None else mean + sign * (spread or 0) for mean, spread in zip(means, spreads)]
+
+
+def _at_init(panel, grid: list[dict], names: tuple[str, ...], scale: str, title: str) -> None:
+    for name in names:
+        panel.plot(
+            [point["w1_std"] for point in grid], [point["at_init"][name] for point in grid], marker="o", label=name
+        )
+    panel.set(xscale="log", yscale=scale, xlabel="init std (W1 and W2)", title=title)
+
+
+def run_name(point: Point, seed: int) -> str:
+    return f"init_scale {point.label} seed {seed}"
+
+
+def run_params(point: Point, seed: int, study: config.InitScaleParams, train_params: config.TrainParams) -> dict:
+    """What the MLflow UI compares the runs by: init std (one number where W1 and W2 share it), epochs, seed."""
+    shared = point.w1_std if point.w1_std == point.w2_std else None
+    return {
+        "label": point.label,
+        "w1_std": "default" if point.w1_std is None else point.w1_std,
+        "w2_std": "default" if point.w2_std is None else point.w2_std,
+        "init_std": "default" if point.w1_std is None else (shared if shared is not None else "mixed"),
+        "seed": seed,
+        "epochs": study.epochs,
+        "lr": train_params.lr,
+        "batch_size": train_params.batch_size,
+        "hidden": list(train_params.hidden),
+    }
+
+
+def print_epoch(models: list[tuple[Point, int]], records: list[dict]) -> None:
+    """One line per point: its train loss and validation accuracy, mean over seeds."""
+    for point in dict.fromkeys(point for point, _ in models):
+        own = [record for (other, _), record in zip(models, records) if other == point]
+        loss, _ = mean_and_std([record["train_loss"] for record in own])
+        accuracy, _ = mean_and_std([record["validation_accuracy"] for record in own])
+        print(
+            f"epoch {own[0]['epoch']:3d}  {point.label:<20}  train loss {_fmt(loss)}  validation acc {_fmt(accuracy)}",
+            flush=True,
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@stage_entry
+def main() -> None:
+    parser = cli.stage_parser(__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and validation.pt")
+    parser.add_argument("--report", type=Path, required=True, help="JSON: per point, figures at each report epoch")
+    parser.add_argument("--plot", type=Path, required=True, help="PNG: the figures against init std")
+    args = parser.parse_args()
+    params = config.load(args.params)
+    data = {split: load_split(args.data / f"{split}.pt") for split in ("train", "validation")}
+    from pipeline import tracking
+
+    study, train_params = params.init_scale, params.train
+    models = [(point, seed) for point in points(study) for seed in study.seeds]
+    with tracking.stage_run("init_scale", study.experiment) as parent:
+        import mlflow
+        from mlflow.entities import Metric, Param
+
+        mlflow.log_params({"points": len(points(study)), "seeds": list(study.seeds), "epochs": study.epochs})
+        tags = tracking.lineage_tags("init_scale")
+        runs = {index: (run_name(point, seed), tags) for index, (point, seed) in enumerate(models)}
+        with tracking.child_runs(runs) as run_ids:
+            client = mlflow.MlflowClient()
+            for index, (point, seed) in enumerate(models):
+                figures = run_params(point, seed, study, train_params)
+                client.log_batch(run_ids[index], params=[Param(key, str(value)) for key, value in figures.items()])
+
+            def report(records: list[dict]) -> None:
+                print_epoch(models, records)
+                now = int(time.time() * 1000)
+                for index, record in enumerate(records):
+                    metrics = [
+                        Metric(key, value, now, record["epoch"])
+                        for key, value in record.items()
+                        if key not in ("epoch", "seconds") and value is not None
+                    ]
+                    client.log_batch(run_ids[index], metrics=metrics)
+
+            with cpu.shared_threads():
+                models, histories, precision = train(study, train_params, data, report)
+            now = int(time.time() * 1000)
+            for index, history in enumerate(histories):
+                at = [
+                    Metric(f"{key}_at_{epoch}", history[epoch][key], now, 0)
+                    for epoch in study.report_epochs
+                    for key in ("train_loss", "validation_accuracy")
+                    if history[epoch][key] is not None
+                ]
+                client.log_batch(run_ids[index], metrics=at, params=[Param("precision", precision)])
+        summary = {
+            "points": summarize(study, models, histories, params.evaluate.max_train_loss),
+            "loss_gate": f"train loss < {params.evaluate.max_train_loss}",
+            "probe_images": min(study.probe, len(data["train"][1])),
+            "lr": train_params.lr,
+            "batch_size": train_params.batch_size,
+            "hidden": list(train_params.hidden),
+            "epochs": study.epochs,
+            "precision": precision,
+            "device": str(resolve_device(train_params.device)),
+            "train_seconds": sum(record["seconds"] for record in histories[0]),  # all models together
+            "mlflow_experiment": study.experiment,
+            "mlflow_run_id": parent.info.run_id,
+        }
+        draw(args.plot, summary["points"], study.report_epochs)
+        mlflow.log_artifact(str(args.plot))
+        mlflow.log_dict(summary, "init_scale.json")
+        write_json(args.report, summary)
+
+
+if __name__ == "__main__":
+    main()
