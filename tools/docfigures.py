@@ -77,14 +77,22 @@ def load(path: Path) -> object:
     if path.suffix == ".csv":
         return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(text.splitlines())]
     if path.suffix == ".py":
-        return {
-            target.id: ast.literal_eval(node.value)
-            for node in ast.parse(text).body
-            if isinstance(node, ast.Assign)
-            for target in node.targets
-            if isinstance(target, ast.Name) and _is_literal(node.value)
-        }
+        return dict(_constants(ast.parse(text)))
     raise FigureError(f"{path.name}: got suffix {path.suffix!r}, expected .json, .yaml, .csv or .py")
+
+
+def _constants(module: ast.Module):
+    """Module-level NAME = literal, also NAME, OTHER = literal, call (the literal ones)."""
+    for node in module.body:
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            pairs = [(target, node.value)]
+            if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                pairs = list(zip(target.elts, node.value.elts))
+            for name, value in pairs:
+                if isinstance(name, ast.Name) and _is_literal(value):
+                    yield name.id, ast.literal_eval(value)
 
 
 def _is_literal(node: ast.expr) -> bool:
@@ -147,6 +155,8 @@ def resolve(root: Path, file: str, key: str) -> object:
 
 def render(value: object, spec: str) -> str:
     """The value as the page shows it."""
+    if spec == "s":
+        return str(value)
     if spec.endswith("d") and isinstance(value, float) and value.is_integer():
         value = int(value)
     try:
@@ -264,6 +274,28 @@ def unsourced(root: Path = ROOT) -> list[Problem]:
     return problems
 
 
+def unnamed_machines(root: Path = ROOT) -> list[Problem]:
+    """Sections quoting a file that records its `machine` must quote that machine too."""
+    problems = []
+    for page in pages(root):
+        name = str(page.relative_to(root))
+        for section in re.split(r"(?m)^(?=#)", page.read_text()):
+            figures = [match["args"].split() for match in FIGURE.finditer(section)]
+            named = {parts[0] for parts in figures if parts[1:2] == ["machine"]}
+            for file in sorted({parts[0] for parts in figures} - named):
+                if _records_machine(root / file):
+                    heading = section.splitlines()[0] if section else ""
+                    problems.append(Problem(name, 1, f"{heading!r} quotes {file} but not its machine"))
+    return problems
+
+
+def _records_machine(path: Path) -> bool:
+    try:
+        return path.exists() and path.suffix == ".json" and "machine" in json.loads(path.read_text())
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
 def write(root: Path = ROOT) -> list[Problem]:
     """Rewrite every page from its files; return what could not be read."""
     problems = []
@@ -283,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite figures from their files")
     args = parser.parse_args(argv)
     problems = write() if args.write else check()
-    problems += unsourced()
+    problems += unsourced() + unnamed_machines()
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
