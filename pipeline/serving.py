@@ -1,7 +1,7 @@
 """The trained MLP as an MLflow model that takes images as they come (issue #14).
 
 `log_model` logs pipeline/serving_model.py as a models-from-code pyfunc: the state dict is an artifact in
-the format of models/<variant>/model.pt, and the train split's mean and std, the architecture and the class
+the format of models/<variant>/seed-<s>.pt, and the train split's mean and std, the architecture and the class
 names are its config. So `mlflow.pyfunc.load_model("models:/d2l-mlp@champion")` and `mlflow models serve`
 take uint8 images (N, 28, 28) and answer classes and probabilities; see docs/serving.md.
 """
@@ -67,7 +67,7 @@ def _model_arguments(
     }
     with tempfile.TemporaryDirectory() as temp:
         weights = Path(temp) / "model.pt"
-        mlp.save(model, weights, architecture)  # the state dict file DVC tracks as models/<variant>/model.pt
+        mlp.save(model, weights, architecture)  # the state dict file DVC tracks as models/<variant>/seed-<s>.pt
         yield {
             "python_model": str(MODEL_CODE),
             "artifacts": {"weights": str(weights)},

@@ -1,0 +1,1 @@
+"""Tools a developer runs on the repository itself (not imported by the pipeline): docs figures."""
