@@ -129,7 +129,7 @@ class Params:
     variants: Annotated[dict[VariantName, TrainParams], Field(min_length=1, description="at least one variant")]
     evaluate: EvaluateParams
     compare: CompareParams
-    init_scale: InitScaleParams
+    init_scale: InitScaleParams | None = None  # the pipeline's study; a lesson reusing the stages has none
 
     def variant(self, name: str) -> TrainParams:
         """The train defaults with the variant's overrides."""
@@ -145,7 +145,8 @@ def load(path: Path = DEFAULT_PARAMS) -> Params:
     spec = params.data.spec()
     _check_validation(params.prepare, spec)
     _check_memory("train", params.train, spec.classes)
-    _check_init_scale(params.init_scale, params.train)
+    if params.init_scale is not None:
+        _check_init_scale(params.init_scale, params.train)
     for name, variant in params.variants.items():
         _check_memory(f"variants.{name}", variant, spec.classes)
     return params

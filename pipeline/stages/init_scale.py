@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pipeline import batched, cli, config, cpu
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
+from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.stages.train import resolve_device
 from pipeline.stats import mean_and_std
@@ -285,6 +286,8 @@ def main() -> None:
     from pipeline import tracking
 
     study, train_params = params.init_scale, params.train
+    if study is None:
+        raise PipelineError(f"init_scale: {args.params} has no init_scale section; expected the study's points")
     models = [(point, seed) for point in points(study) for seed in study.seeds]
     with tracking.stage_run("init_scale", study.experiment) as parent:
         import mlflow
