@@ -99,10 +99,11 @@ def train(
     full_loss = batched.evaluate(group, train_images, train_labels)[0]  # epoch 0: the train loss at init
     _record(histories, 0, full_loss.tolist(), group, probe, validation, 0.0)
     report([history[-1] for history in histories])
+    inputs = batched.as_inputs(train_images, precision)  # converted once, not every epoch
     for epoch in range(1, study.epochs + 1):
         started = time.perf_counter()
         step_losses, _ = batched.sgd_epoch(
-            group, train_params.lr, train_images, train_labels, train_params.batch_size, shuffles, precision
+            group, train_params.lr, inputs, train_labels, train_params.batch_size, shuffles, precision
         )
         train_loss = (step_losses.sum(1) / len(train_labels)).tolist()
         _record(histories, epoch, train_loss, group, probe, validation, time.perf_counter() - started)

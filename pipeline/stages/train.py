@@ -207,12 +207,13 @@ def run_batched(
     for result, loss in zip(results, batched.evaluate(group, train_images, train_labels)[0].tolist()):
         result.initial_loss, result.precision = loss, precision
     shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in params.seeds]
+    inputs = batched.as_inputs(train_images, precision)  # converted once, not every epoch
     fingerprint = _fingerprint(params, -1, train_data, validation_data)
     start = resume_batched(checkpoint, fingerprint, group, shuffles, results)
     for epoch in range(start + 1, params.epochs + 1):
         started = time.perf_counter()
         step_losses, correct = batched.sgd_epoch(
-            group, params.lr, train_images, train_labels, params.batch_size, shuffles, precision
+            group, params.lr, inputs, train_labels, params.batch_size, shuffles, precision
         )
         losses, corrects = step_losses.tolist(), correct.tolist()  # the one sync of the epoch
         checked = batched.evaluate(group, *validation) if len(validation[1]) else None
