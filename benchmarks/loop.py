@@ -1,15 +1,11 @@
 """Benchmark of the loop users repeat (issue #16): change one variant's lr, `dvc repro`, look.
 
-`python -m benchmarks.loop [--rounds 3] [--host-rewrite | --compare-host] [--variant d2l]` copies this
+`python -m benchmarks.loop [--rounds 3] [--variant d2l]` copies this
 repository (tracked and untracked files; data/raw and data/prepared when the workspace has them) into a
 temporary directory, runs `dvc repro` there once, then per round sets a new `variants.<variant>.lr` and times
 `dvc repro`: wall seconds, training seconds (what the train stage reports), the overhead (wall minus
 training) and each stage's share, timed from DVC's streamed "Running stage" lines. The last line is JSON
-with the medians. Target of issue #16: overhead <= 15 s.
-
---host-rewrite routes the copy's stage commands through the stage host (`python -m pipeline.host X`
-instead of `python -m X`). --compare-host does that and runs every round twice, with the host and with
-D2L_STAGE_HOST=0 (the same commands, run in-process), alternating which goes first, and prints the ratio.
+with the medians. Target of issues #16 and #21: overhead <= 15 s, with every stage a plain process.
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,12 +52,6 @@ def copy_repository(into: Path) -> Path:
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "benchmark copy"]):
         subprocess.run(["git", *command], cwd=into, check=True, env={**os.environ, **git})
     return into
-
-
-def route_through_host(dvc_yaml: Path) -> None:
-    """`python -m X` -> `python -m pipeline.host X`: the one-line change dvc.yaml would get."""
-    text = dvc_yaml.read_text()
-    dvc_yaml.write_text(re.sub(r"python -m (?!pipeline\.host)", "python -m pipeline.host ", text))
 
 
 def set_lr(params: Path, variant: str, lr: float) -> None:
@@ -113,14 +102,6 @@ def training_seconds(copy: Path, variant: str, lines: list[tuple[float, str]]) -
         return sum(float(match.group(1)) for _, line in lines if (match := EPOCH_SECONDS.match(line)))
 
 
-def stop_host(host_dir: Path) -> None:
-    for lock in host_dir.glob("*.lock"):
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except (ValueError, ProcessLookupError):
-            pass
-
-
 def measure(copy: Path, env: dict, variant: str, lr: float) -> dict:
     set_lr(copy / "params.yaml", variant, lr)
     wall, lines = repro(copy, env)
@@ -131,10 +112,10 @@ def measure(copy: Path, env: dict, variant: str, lr: float) -> dict:
     return {"wall_s": wall, "train_s": train, "overhead_s": wall - train, "stages": stage_seconds(wall, lines)}
 
 
-def show(mode: str, round_number: int, result: dict) -> None:
+def show(round_number: int, result: dict) -> None:
     stages = "  ".join(f"{name} {seconds:.1f}" for name, seconds in result["stages"].items())
     print(
-        f"round {round_number} {mode:10s} wall {result['wall_s']:5.1f} s  train {result['train_s']:4.1f} s  "
+        f"round {round_number} wall {result['wall_s']:5.1f} s  train {result['train_s']:4.1f} s  "
         f"overhead {result['overhead_s']:5.1f} s  | {stages}",
         flush=True,
     )
@@ -154,21 +135,13 @@ def medians(results: list[dict]) -> dict:
     }
 
 
-def modes(args: argparse.Namespace, env: dict) -> dict[str, dict]:
-    if not args.compare_host:
-        return {"host" if args.host_rewrite else "as_is": env}
-    return {"host": env, "in_process": {**env, "D2L_STAGE_HOST": "0"}}
-
-
-def run_rounds(copy: Path, args: argparse.Namespace, env: dict) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {mode: [] for mode in modes(args, env)}
+def run_rounds(copy: Path, rounds: int, variant: str, env: dict) -> list[dict]:
+    results = []
     lr = 0.1
-    for round_number in range(1, args.rounds + 1):
-        order = list(modes(args, env).items())
-        for mode, mode_env in order if round_number % 2 else order[::-1]:
-            lr = round(lr + 0.001, 6)  # never a value seen before: DVC's run cache would skip the stage
-            results[mode].append(measure(copy, mode_env, args.variant, lr))
-            show(mode, round_number, results[mode][-1])
+    for round_number in range(1, rounds + 1):
+        lr = round(lr + 0.001, 6)  # never a value seen before: DVC's run cache would skip the stage
+        results.append(measure(copy, env, variant, lr))
+        show(round_number, results[-1])
     return results
 
 
@@ -176,41 +149,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", default="d2l")
-    parser.add_argument("--host-rewrite", action="store_true", help="stage commands through pipeline.host")
-    parser.add_argument("--compare-host", action="store_true", help="each round with and without the host")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print its path")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="d2l-loop-"))
     copy = copy_repository(work / "repo")
-    host_dir = work / "host"  # a host of its own: not one a developer's shell already warmed
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "D2L_STAGE_HOST_DIR": str(host_dir),
-    }
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own store
-    env.pop("D2L_STAGE_HOST", None)
-    if args.host_rewrite or args.compare_host:
-        route_through_host(copy / "dvc.yaml")
     try:
         wall, _ = repro(copy, env)
         print(f"setup: dvc repro in {copy} took {wall:.1f} s", flush=True)
-        results = run_rounds(copy, args, env)
+        results = run_rounds(copy, args.rounds, args.variant, env)
     finally:
-        stop_host(host_dir)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    summary = {
-        "rounds": args.rounds,
-        "variant": args.variant,
-        "target_overhead_s": 15,
-        **{mode: medians(mode_results) for mode, mode_results in results.items()},
-    }
-    if args.compare_host:
-        summary["overhead_ratio_in_process_vs_host"] = round(
-            summary["in_process"]["overhead_s"] / summary["host"]["overhead_s"], 2
-        )
-    print(json.dumps(summary))
+    print(json.dumps({"rounds": args.rounds, "variant": args.variant, "target_overhead_s": 15, **medians(results)}))
 
 
 if __name__ == "__main__":

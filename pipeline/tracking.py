@@ -15,7 +15,16 @@ from pipeline.errors import PipelineError, first_line
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-runs view, not GenAI
 CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"  # the registry aliases compare moves (promotable())
-CODE_PATHS = ("pipeline", "lessons", "params.yaml", "dvc.yaml")  # what a run's results depend on besides data
+# What a run's results depend on besides data: code and params. Not outputs, which a lesson may leave untracked
+# (lessons/mnist is run by hand), nor DVC's dvc.lock. Git pathspecs, relative to the repo root.
+CODE_PATHS = (
+    ":(top)pipeline",
+    ":(top,glob)lessons/**/*.py",
+    ":(top,glob)lessons/**/params.yaml",
+    ":(top,glob)lessons/**/dvc.yaml",
+    ":(top)params.yaml",
+    ":(top)dvc.yaml",
+)
 
 
 def _bound_http_retries() -> None:
@@ -25,12 +34,14 @@ def _bound_http_retries() -> None:
 
 
 def workspace_root(start: Path | None = None) -> Path:
-    """The user's repo, also from inside an experiment's copy (DVC runs --queue and --temp in .dvc/tmp/exps/...)."""
+    """The user's repo: also from inside an experiment's copy (DVC runs --queue and --temp in .dvc/tmp/exps/...)
+    and from a DVC subproject such as lessons/mnist (DVC_ROOT is then the subproject), so every lesson shares
+    one store. That is the nearest folder holding .git; without git, where we started."""
     here = (start or Path(os.environ.get("DVC_ROOT") or Path.cwd())).resolve()
     for parent in (here, *here.parents):
         if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
             return parent.parent.parent.parent
-    return here
+    return next((parent for parent in (here, *here.parents) if (parent / ".git").exists()), here)
 
 
 def tracking_uri() -> str:
@@ -52,20 +63,19 @@ def git_commit() -> str:
 
 
 def code_dirty() -> bool:
-    """True when code or params differ from the commit (DVC's own outputs, such as dvc.lock, do not count)."""
+    """True when code or params differ from the commit (outputs, and DVC's dvc.lock, do not count)."""
     changed = _git("status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS)
     return changed is None or changed != ""
 
 
+def owner_tags() -> dict[str, str]:
+    """Which process a run belongs to: close_orphans ends the runs of processes that are gone."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
 def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
     """What an MLflow run needs to find the DVC experiment, code and stage that made it."""
-    tags = {
-        "stage": stage,
-        "git_commit": git_commit(),
-        "git_dirty": str(code_dirty()).lower(),
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-    }
+    tags = {"stage": stage, "git_commit": git_commit(), "git_dirty": str(code_dirty()).lower(), **owner_tags()}
     if variant:
         tags["variant"] = variant
     if os.environ.get("DVC_EXP_NAME"):
@@ -104,19 +114,20 @@ def stage_run(stage: str, experiment: str, variant: str | None = None, run_id: s
             run = mlflow.start_run(
                 run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant)
             )
-        else:  # a later stage adding to the run that produced its inputs
+        else:  # a later stage adding to the run that produced its inputs: while it runs, the run is its own
             run = mlflow.start_run(run_id=run_id)
-            mlflow.set_tags({f"{stage}_git_commit": git_commit()})
+            mlflow.set_tags({f"{stage}_git_commit": git_commit(), **owner_tags()})
     with store_errors(uri), _ended(mlflow):  # a store error while ending the run is one line too
         yield run
 
 
 @contextmanager
 def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
-    """A nested run (one seed of a variant) under the active stage run; ends like its parent."""
+    """A nested run (one seed of a variant) under the active stage run; ends like its parent, and like it
+    is closed by the next stage when its process is killed (owner_tags)."""
     import mlflow
 
-    run = mlflow.start_run(run_name=name, nested=True, tags=tags)
+    run = mlflow.start_run(run_name=name, nested=True, tags={**tags, **owner_tags()})
     with _ended(mlflow):
         yield run
 

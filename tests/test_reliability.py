@@ -365,6 +365,40 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
     assert (repo / "models/base/seed-0.pt").read_bytes() == (reference / "models/seed-0.pt").read_bytes()
 
 
+def running_seed_pid(uri: str, since: float) -> int | None:
+    """The pid of the stage process whose seed run is RUNNING now (the stage tags its runs with it)."""
+    seeds = [run for run in runs(uri, since) if run.info.status == "RUNNING" and "seed" in run.data.tags]
+    return int(seeds[0].data.tags["pid"]) if seeds else None
+
+
+def test_kill_9_of_the_stage_mid_seed_then_dvc_repro_leaves_no_run_running(big_repo):
+    """Only the stage process dies (not dvc): dvc repro fails, the next one succeeds and ends the dead
+    process's runs, the stage's and its seed's, FAILED."""
+    repo, env = big_repo["repo"], big_repo["env"]
+    uri = env["MLFLOW_TRACKING_URI"]
+    run_tool(["dvc", "repro", "prepare"], repo, env)
+    original = (repo / "params.yaml").read_text()
+    edit_params(repo, lambda params: params["variants"]["base"].update(lr=0.11))  # train@base must run, twice
+    started = time.time()
+    try:
+        process = subprocess.Popen(["dvc", "repro", "train@base"], cwd=repo, env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: running_seed_pid(uri, started), interval=0.2)
+            os.kill(running_seed_pid(uri, started), signal.SIGKILL)
+        finally:
+            assert process.wait(timeout=120) != 0  # dvc saw its stage die
+        left = sorted(run.info.run_name for run in runs(uri, started) if run.info.status == "RUNNING")
+        assert left == ["train@base", "train@base seed 0"]  # what a kill -9 leaves: nothing could end them
+        run_tool(["dvc", "repro", "train@base"], repo, env)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    after = runs(uri, started)
+    assert [run.info.run_name for run in after if run.info.status == "RUNNING"] == []
+    failed = sorted(run.info.run_name for run in after if run.info.status == "FAILED")
+    assert failed == ["train@base", "train@base seed 0"]
+    assert sorted(run.info.run_name for run in after if run.info.status == "FINISHED") == failed  # the rerun
+
+
 def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_repo):
     repo, env = big_repo["repo"], big_repo["env"]
     run_tool(["dvc", "repro", "evaluate@base"], repo, env)  # a locked train@base and its outputs to keep

@@ -34,6 +34,18 @@ def test_an_experiments_copy_finds_the_workspace(tmp_path, monkeypatch):
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
 
 
+def test_a_dvc_subproject_logs_to_the_repos_store(tmp_path, monkeypatch):
+    """DVC sets DVC_ROOT to a subproject (lessons/mnist): its runs still go to the store at the git root."""
+    (tmp_path / "repo/.git").mkdir(parents=True)
+    lesson = tmp_path / "repo/lessons/mnist"
+    (lesson / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(lesson))
+    assert tracking.workspace_root() == tmp_path / "repo"
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert tracking.workspace_root(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # no git: where it started
+
+
 def git(repo, *args: str) -> str:
     command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
     return subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
@@ -65,6 +77,18 @@ def test_dvcs_own_outputs_do_not_make_the_tree_dirty_but_params_do(repo):
     (repo / "params.yaml").write_text("a: 2\n")
     assert tracking.lineage_tags("train")["git_dirty"] == "true"
     assert tracking.promotable() == (False, "code or params not committed")
+
+
+def test_a_lessons_untracked_outputs_do_not_make_the_tree_dirty_but_its_code_does(repo):
+    (repo / "lessons/mnist/results/mlp_512").mkdir(parents=True)
+    (repo / "lessons/mnist/results/mlp_512/eval.json").write_text("{}")  # what `dvc repro` there leaves
+    (repo / "lessons/mnist/dvc.lock").write_text("schema: '2.0'\n")
+    assert not tracking.code_dirty()
+    (repo / "lessons/mnist/params.yaml").write_text("lr: 0.1\n")
+    assert tracking.code_dirty()
+    (repo / "lessons/mnist/params.yaml").unlink()
+    (repo / "lessons/mnist/lesson.py").write_text("print(1)\n")
+    assert tracking.code_dirty()
 
 
 def test_an_experiment_is_tagged_with_its_name_and_baseline_and_registers_a_challenger(repo, monkeypatch):
