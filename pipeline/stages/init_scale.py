@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from pipeline import batched, cli, config, cpu
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png
-from pipeline.stages.train import resolve_device
 from pipeline.stats import mean_and_std
 from pipeline.tensors import load_split
 

@@ -31,7 +31,7 @@ from torch import nn
 from pipeline import batched, cli, config, cpu, fused
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
-from pipeline.errors import PipelineError
+from pipeline.devices import resolve_device
 from pipeline.files import atomic_dir, read_json, write_json, write_text
 from pipeline.losses import LOSSES, LossFunction
 from pipeline.stats import mean_and_std
@@ -52,20 +52,6 @@ class TrainResult:
     run_id: str | None = None  # the seed's MLflow run
     initial_loss: float | None = None  # on the train split, before any step
     precision: str = "fp32"  # of the matrix multiplies
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto prefers cuda, then mps, then cpu; an explicit device that is missing is an error."""
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available()), "cpu": True}
-    if name == "auto":
-        return torch.device(next(device for device in ("cuda", "mps", "cpu") if available[device]))
-    if not available[name]:
-        raise PipelineError(
-            f"train.device: got {name!r}, but this machine has no {name} device "
-            f"(torch {torch.__version__}); expected auto or cpu"
-        )
-    return torch.device(name)
 
 
 def make_optimizer(params: config.TrainParams, net: nn.Module) -> torch.optim.Optimizer | None:
