@@ -93,7 +93,7 @@ def build(
         "",
         champion_line(summary),
         "",
-        f"Curves: `{curves}`; per-variant confusion matrices: `{results}/<variant>/confusion.png`.",
+        f"Curves: `{curves}`; per-variant confusion matrices: `reports/evaluation/<variant>-confusion.png`.",
         "",
         "## MLflow runs",
         "",

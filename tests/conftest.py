@@ -117,6 +117,7 @@ def tiny_params(tiny: dict, epochs: int = 2) -> callable:
         params["train"].pop("seed", None)
         params["train"].update(epochs=epochs, batch_size=64, device="auto", seeds=[0, 1])
         params["variants"] = {"base": {"init_std": 0.01}, "scratch": {"impl": "scratch"}, "exploding": {"lr": 1e5}}
+        params["init_scale"].update(stds=[0.01, 1.0], seeds=[0, 1], epochs=2, report_epochs=[1, 2], probe=64)
 
     return change
 

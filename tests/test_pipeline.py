@@ -20,9 +20,7 @@ pytestmark = pytest.mark.integration
 
 EXPERIMENT, MODEL = "d2l-story", "story-mlp"
 DATA_STAGES = ["download", "prepare"]
-VARIANT_STAGES = [
-    f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in ("base", "scratch", "exploding")
-]
+VARIANT_STAGES = [f"train@{variant}" for variant in ("base", "scratch", "exploding")]
 
 
 def stages_run(output: str) -> list[str]:
@@ -69,8 +67,13 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
     before = len(client.search_runs([record["runs"]["compare"].info.experiment_id]))
     record["second"] = run_tool(["dvc", "repro"], repo, env).stdout
     record["runs_logged_by_second"] = len(client.search_runs([record["runs"]["compare"].info.experiment_id])) - before
+    keys = lambda: {
+        name: json.loads((repo / f"reports/evaluation/{name}.json").read_text())["key"] for name in ("base", "scratch")
+    }
+    record["evaluation_keys_before_change"] = keys()
     edit_params(repo, lambda params: params["variants"]["scratch"].update(lr=0.05))
     record["changed"] = run_tool(["dvc", "repro"], repo, env).stdout
+    record["evaluation_keys_after_change"] = keys()
     record["status_after_change"] = run_tool(["dvc", "status"], repo, env).stdout
     record["report"] = report(repo, env, "--base", "HEAD")
     record["champion_after_change"] = client.get_model_version_by_alias(MODEL, "champion")
@@ -89,15 +92,19 @@ def read(story, path: str):
 
 
 def test_first_repro_runs_every_stage_and_writes_outputs(story):
-    assert sorted(stages_run(story["first"])) == sorted(DATA_STAGES + VARIANT_STAGES + ["compare", "linreg", "spiral"])
+    expected = DATA_STAGES + VARIANT_STAGES + ["compare", "init_scale", "linreg", "spiral"]
+    assert sorted(stages_run(story["first"])) == sorted(expected)
     for path in [
         "models/base/seed-0.pt",
         "models/base/seed-1.pt",
-        "results/scratch/eval.json",
-        "results/base/metrics.json",
-        "results/base/confusion.png",
+        "reports/evaluation/scratch.json",
+        "reports/evaluation/base-confusion.png",
+        "reports/confusion/base.json",
+        "reports/metrics.json",
         "reports/compare.md",
         "reports/curves.png",
+        "reports/init_scale.json",
+        "reports/init_scale.png",
     ]:
         assert path in story["files"], path
     stats = json.loads((story["repo"] / "metrics/prepare.json").read_text())
@@ -131,7 +138,7 @@ def test_each_seed_is_a_nested_run_and_the_variant_run_holds_the_means(story):
         train["aggregate"]["validation_accuracy_mean"]
     )
     assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(
-        read(story, "results/base/eval.json")["test_accuracy_mean"]
+        read(story, "reports/evaluation/base.json")["test_accuracy_mean"]
     )
     assert parent.data.params["lr"] == "0.1" and parent.data.params["impl"] == "module"
 
@@ -154,8 +161,9 @@ def test_diverged_variant_is_a_result_and_compare_still_runs(story):
     assert train["diverged"] is True and all(seed["diverged_epoch"] == 1 for seed in train["per_seed"].values())
     assert "models/exploding/seed-0.pt" not in story["files"]
     assert json.loads(story["files"]["models/exploding/seed-0.json"])["diverged"] is True
-    evaluation = read(story, "results/exploding/eval.json")
+    evaluation = read(story, "reports/evaluation/exploding.json")
     assert evaluation["passed"] is False and evaluation["test_accuracy_mean"] is None
+    assert evaluation["finite_seeds"] == 0 and train["aggregate"]["validation_accuracy_mean"] is None
     assert "2 diverged" in story["files"]["reports/compare.md"].decode()
     assert read(story, "reports/compare.json")["champion"] in ("base", "scratch")
     run = story["runs"]["train@exploding seed 0"]
@@ -168,7 +176,7 @@ def test_the_clean_run_registers_its_choice_as_champion_with_its_own_test_accura
     assert summary["registered"]["alias"] == "champion" and int(champion.version) == summary["champion_version"]
     chosen = read(story, f"results/{summary['champion']}/train.json")
     assert champion.run_id == chosen["mlflow_run_id"] and summary["champion_model_uri"] == chosen["mlflow_model_uri"]
-    evaluation = read(story, f"results/{summary['champion']}/eval.json")
+    evaluation = read(story, f"reports/evaluation/{summary['champion']}.json")
     assert (
         summary["champion_test_accuracy"] == evaluation["per_seed"][str(chosen["mlflow_model_seed"])]["test_accuracy"]
     )
@@ -179,7 +187,9 @@ def test_second_repro_runs_nothing_and_logs_nothing(story):
 
 
 def test_changing_one_variant_reruns_only_it_and_compare_and_leaves_the_champion(story):
-    assert stages_run(story["changed"]) == ["train@scratch", "evaluate@scratch", "compare"]
+    assert stages_run(story["changed"]) == ["train@scratch", "compare"]
+    kept, redone = story["evaluation_keys_after_change"], story["evaluation_keys_before_change"]
+    assert kept["base"] == redone["base"] and kept["scratch"] != redone["scratch"]  # only the changed one re-evaluated
     assert "up to date" in story["status_after_change"]
     assert story["champion_after_change"].version == story["champion"].version  # uncommitted params: challenger
     assert story["compare_after_change"]["registered"]["alias"] == "challenger"
@@ -193,7 +203,8 @@ def test_report_shows_params_and_meaningful_metrics_diff_against_the_base(story)
     params_section = result.stdout.split("## Params changed")[1].split("## Metrics changed")[0]
     assert "variants.scratch.lr" in params_section and "0.05" in params_section
     metrics_section = result.stdout.split("## Metrics changed")[1].split("## Variants")[0]
-    assert "results/scratch/metrics.json" in metrics_section and "results/base/" not in metrics_section
+    assert "reports/metrics.json" in metrics_section and "scratch." in metrics_section
+    assert "base." not in metrics_section
     assert "run_id" not in metrics_section and "seconds" not in metrics_section
     assert "| scratch |" in result.stdout and "Champion: **" in result.stdout
 
@@ -202,6 +213,6 @@ def test_report_fails_when_no_variant_passes_unless_told_not_to(story):
     stages = stages_run(story["gates_changed"])
     assert "compare" in stages and not any(stage.startswith("train") for stage in stages)
     failing = story["failing_report"]
-    assert failing.returncode == 1 and "no variant passes its gates" in failing.stdout
+    assert failing.returncode == 1 and "no variant passes the train gates" in failing.stdout
     assert "evaluate.max_train_loss" in failing.stdout
     assert story["no_fail_report"].returncode == 0
