@@ -166,8 +166,11 @@ def summary(rows: dict[str, dict], selection: dict, comparisons: list[dict], set
             "diverged_seeds": trained["diverged_seeds"],
             "epochs": _epochs(row),
         }
+    from pipeline.devices import machine
+
     return {
         "champion": selection["champion"],
+        "machine": machine(),  # training figures differ by CPU in the third decimal; the verdicts should not
         "selection": selection,
         "margin": settings.margin,
         "alpha": settings.alpha,

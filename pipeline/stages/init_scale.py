@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pipeline import batched, cli, config, cpu
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
-from pipeline.devices import resolve_device
+from pipeline.devices import machine, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png
 from pipeline.stats import mean_and_std
@@ -335,6 +335,7 @@ def main() -> None:
             "epochs": study.epochs,
             "precision": precision,
             "device": str(resolve_device(train_params.device)),
+            "machine": machine(resolve_device(train_params.device)),
             "train_seconds": sum(record["seconds"] for record in histories[0]),  # all models together
             "mlflow_experiment": study.experiment,
             "mlflow_run_id": parent.info.run_id,
