@@ -1,8 +1,8 @@
 """The model card: what a registered version is, as Markdown for its description on the registry page.
 
 `markdown()` takes plain values and writes "-" for any that is missing, so a card can always be written.
-`from_compare_row()` is the one place that knows compare's per-variant row; `run_facts()` and `model_input()`
-read the rest from MLflow (the training run's params and dataset digest, the model's signature).
+`from_compare_row()` is the one place that knows compare's per-variant row; the rest comes from MLflow: the
+logged model's params and signature, and the digest of its training run's dataset.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def markdown(
 ) -> str:
     """The card: variant and params, seeds and accuracies (mean and 95% interval), data, code, why, input."""
     lines = [
-        f"### Model card: variant `{variant}`",
+        f"Model card: variant {variant}",  # plain: the registry's versions table shows this line as it is
         "",
         f"**Why this model:** {chosen_because or '-'}",
         "",
@@ -65,7 +65,11 @@ def _params(params: Mapping[str, Any] | None) -> str:
 
 
 def from_compare_row(
-    variant: str, row: Mapping[str, Any], chosen_because: str | None, git_commit: str | None, model_uri: str | None
+    variant: str,
+    row: Mapping[str, Any],
+    git_commit: str | None,
+    model_uri: str | None,
+    reasons: Sequence[str | None] = (),
 ) -> str:
     """The card of compare's pick. Reads row["changed"]; row["train"]: "seeds", "mlflow_run_id",
     "mlflow_model_seed", "aggregate"["validation_accuracy_mean"], "per_seed"[seed]["validation_accuracy"];
@@ -74,10 +78,9 @@ def from_compare_row(
 
     trained, evaluated = row.get("train") or {}, row.get("eval") or {}
     validation = [figures.get("validation_accuracy") for figures in (trained.get("per_seed") or {}).values()]
-    params, digest = run_facts(trained.get("mlflow_run_id"))
+    params, model_input = model_facts(model_uri)
     seed = trained.get("mlflow_model_seed")
-    picked = f"the model is seed {seed}, the variant's best in validation" if seed is not None else ""
-    reasons = (chosen_because, picked)
+    picked = f"the model is seed {seed}, the variant's best in validation" if seed is not None else None
     return markdown(
         variant,
         params,
@@ -87,41 +90,40 @@ def from_compare_row(
             stats.t_interval([value for value in validation if value is not None]),
         ),
         (evaluated.get("test_accuracy_mean"), evaluated.get("test_accuracy_ci95")),
-        digest,
+        run_digest(trained.get("mlflow_run_id")),
         git_commit,
-        "; ".join(reason for reason in reasons if reason) or None,
-        model_input(model_uri),
+        "; ".join(reason for reason in (*reasons[:1], picked, *reasons[1:]) if reason) or None,
+        model_input,
         changed=row.get("changed"),
     )
 
 
-def run_facts(run_id: str | None) -> tuple[dict[str, str], str | None]:
-    """A training run's params and the digest of its first dataset input; empty where the run cannot be read."""
+def run_digest(run_id: str | None) -> str | None:
+    """The digest of a run's first dataset input (DVC's hash of the prepared data); None where unreadable."""
     import mlflow
 
     if not run_id:
-        return {}, None
+        return None
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        return {}, None
+        return None
     datasets = run.inputs.dataset_inputs if run.inputs else []
-    return dict(run.data.params), datasets[0].dataset.digest if datasets else None
+    return datasets[0].dataset.digest if datasets else None
 
 
-def model_input(model_uri: str | None) -> str | None:
-    """What the logged model takes, from its signature (e.g. "[Tensor('uint8', (-1, 28, 28))]")."""
+def model_facts(model_uri: str | None) -> tuple[dict[str, str], str | None]:
+    """A logged model's params (those of its training run) and what it takes, from its signature."""
     import mlflow
 
     if not model_uri:
-        return None
+        return {}, None
     try:
-        signature = mlflow.models.get_model_info(model_uri).signature
+        info = mlflow.models.get_model_info(model_uri)
     except (mlflow.exceptions.MlflowException, OSError):
-        return None
-    if not signature or not signature.inputs:
-        return None
-    return "; ".join(_describe(spec) for spec in signature.inputs.inputs)
+        return {}, None
+    inputs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
+    return dict(info.params or {}), "; ".join(_describe(spec) for spec in inputs) or None
 
 
 def _describe(spec: Any) -> str:
