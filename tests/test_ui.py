@@ -33,7 +33,7 @@ UI_START_S = 240  # a bound, not a timing: the UI's first start on a busy 2-core
 def find_chromium() -> str | None:
     """CHROMIUM if set, else Debian's chromium (its binary, not the shell wrapper), else one on PATH."""
     for candidate in (os.environ.get("CHROMIUM"), *CHROMIUM_CANDIDATES):
-        found = candidate and (shutil.which(candidate) or (Path(candidate).is_file() and candidate))
+        found = candidate and shutil.which(candidate)  # which() also checks an absolute path is executable
         if found:
             return found
     return None
