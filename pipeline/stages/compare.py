@@ -224,8 +224,8 @@ def register(name: str, row: dict, registered_model: str, chosen_because: str | 
     if version is None:
         version = mlflow.register_model(model_uri, registered_model, tags={"variant": name}).version
         client.set_registered_model_alias(registered_model, alias, version)
-    reason = "; ".join(part for part in (chosen_because, f"alias `{alias}`: {why}") if part)
-    card = model_card.from_compare_row(name, row, reason, tracking.git_commit(), model_uri)
+    reasons = (chosen_because, f"alias `{alias}`: {why}")
+    card = model_card.from_compare_row(name, row, tracking.git_commit(), model_uri, reasons)
     client.update_model_version(registered_model, str(version), description=card)
     return {
         "name": registered_model,
