@@ -312,12 +312,13 @@ def draw_curves(path: Path, rows: dict[str, dict]) -> None:
     write_png(path, figure)
 
 
-def register(name: str, row: dict, registered_model: str) -> dict:
-    """Register the chosen seed's model; move @champion only from a promotable run, else @challenger."""
+def register(name: str, row: dict, registered_model: str, chosen_because: str | None = None) -> dict:
+    """Register the chosen seed's model; move @champion only from a promotable run, else @challenger.
+    The version's description is its model card (the registry page shows it)."""
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline import model_card, tracking
 
     trained = row["train"]
     model_uri = trained["mlflow_model_uri"]
@@ -329,6 +330,9 @@ def register(name: str, row: dict, registered_model: str) -> dict:
     if version is None:
         version = mlflow.register_model(model_uri, registered_model, tags={"variant": name}).version
         client.set_registered_model_alias(registered_model, alias, version)
+    reasons = (chosen_because, f"alias `{alias}`: {why}")
+    card = model_card.from_compare_row(name, row, tracking.git_commit(), model_uri, reasons)
+    client.update_model_version(registered_model, str(version), description=card)
     return {
         "name": registered_model,
         "alias": alias,
