@@ -228,7 +228,6 @@ def test_registry_page_shows_the_champion_alias_and_the_model_card(served, page,
 
 @pytest.mark.integration
 @needs_chromium
-@pytest.mark.xfail(strict=False, reason="init_scale stage not merged yet")
 def test_init_scale_runs_compare_with_init_std_as_a_column(served, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -236,6 +235,10 @@ def test_init_scale_runs_compare_with_init_std_as_a_column(served, page, tmp_pat
     study = ui.experiment_id(served.base_url, "d2l-init-scale")
     assert study is not None, "no experiment d2l-init-scale after dvc repro init_scale"
     page.goto(ui.runs_link(served.base_url, study))
+    # The point-and-seed runs are nested under the stage's run: open the group, then select them all.
+    parent = page.get_by_role("row").filter(has=page.get_by_text("init_scale", exact=True))
+    parent.locator("button[data-component-id*=runnamecellrenderer]").first.click()
+    expect(page.get_by_text(re.compile(r"^init_scale std 0\.01 seed 0$"))).to_be_visible()
     page.get_by_role("checkbox", name="Select all runs").check()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.wait_for_url(re.compile(r"compare-runs"))

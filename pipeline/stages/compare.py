@@ -404,7 +404,8 @@ def main() -> None:
         draw_curves(args.curves, rows)
         registered = None
         if selection["champion"] is not None:
-            registered = register(selection["champion"], rows[selection["champion"]], params.mlflow.registered_model)
+            champion = selection["champion"]
+            registered = register(champion, rows[champion], params.mlflow.registered_model, selection["reason"])
             mlflow.set_tags(
                 {"champion": selection["champion"], f"{registered['alias']}_version": registered["version"]}
             )

@@ -243,8 +243,9 @@ def run_name(point: Point, seed: int) -> str:
     return f"init_scale {point.label} seed {seed}"
 
 
-def run_params(point: Point, seed: int, study: config.InitScaleParams, train_params: config.TrainParams) -> dict:
-    """What the MLflow UI compares the runs by: init std (one number where W1 and W2 share it), epochs, seed."""
+def run_params(point: Point, seed: int, study: config.InitScaleParams) -> dict:
+    """What the MLflow UI compares the runs by (the shared settings are on the stage's run): init std (one number
+    where W1 and W2 share it), epochs, seed."""
     shared = point.w1_std if point.w1_std == point.w2_std else None
     return {
         "label": point.label,
@@ -253,9 +254,6 @@ def run_params(point: Point, seed: int, study: config.InitScaleParams, train_par
         "init_std": "default" if point.w1_std is None else (shared if shared is not None else "mixed"),
         "seed": seed,
         "epochs": study.epochs,
-        "lr": train_params.lr,
-        "batch_size": train_params.batch_size,
-        "hidden": list(train_params.hidden),
     }
 
 
@@ -294,13 +292,22 @@ def main() -> None:
         import mlflow
         from mlflow.entities import Metric, Param
 
-        mlflow.log_params({"points": len(points(study)), "seeds": list(study.seeds), "epochs": study.epochs})
+        mlflow.log_params(
+            {
+                "points": len(points(study)),
+                "seeds": list(study.seeds),
+                "epochs": study.epochs,
+                "lr": train_params.lr,
+                "batch_size": train_params.batch_size,
+                "hidden": list(train_params.hidden),
+            }
+        )
         tags = tracking.lineage_tags("init_scale")
         runs = {index: (run_name(point, seed), tags) for index, (point, seed) in enumerate(models)}
         with tracking.child_runs(runs) as run_ids:
             client = mlflow.MlflowClient()
             for index, (point, seed) in enumerate(models):
-                figures = run_params(point, seed, study, train_params)
+                figures = run_params(point, seed, study)
                 client.log_batch(run_ids[index], params=[Param(key, str(value)) for key, value in figures.items()])
 
             def report(records: list[dict]) -> None:
