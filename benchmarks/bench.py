@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,20 +28,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import config, tensors
+from pipeline import batched, config, tensors
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError
+from pipeline.files import write_json
 from pipeline.losses import LOSSES
 from pipeline.stages import prepare, train
 
 EPOCHS = {"quick": 5, "full": 10}  # timed
 ACCURACY_EPOCHS = 10  # d2l's; the accuracies compared are after this many
 D2L_WORKERS = 4  # d2l's get_dataloader_workers()
+BATCHED_MODELS = 5  # a variant's seeds, trained together as one batched computation
 EVALUATE_BATCH = 10000  # train.evaluate's default, the one train.run uses
 SPLIT_COUNTS = {"train": 60000, "test": 10000}
 SPLITS = tuple(SPLIT_COUNTS)
+RESULTS = Path(__file__).parent / "results"
 
 
 def write_synthetic_idx(directory: Path, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
@@ -209,6 +213,99 @@ def gemm_epoch(
     return epoch
 
 
+def single_train_epoch(
+    params: config.TrainParams, device: torch.device, train_data: tuple[torch.Tensor, torch.Tensor], seed: int
+) -> Callable[[], None]:
+    """One model's training epoch alone (no evaluation), as train.run trains one seed today."""
+    torch.manual_seed(seed)
+    net = mlp.build(
+        params.impl, params.hidden, params.activation, params.init_std, torch.Generator().manual_seed(seed)
+    ).to(device)
+    optimizer = train.make_optimizer(params, net)
+    shuffle = torch.Generator(device=device).manual_seed(seed)
+    images, labels = train_data
+
+    def epoch() -> None:
+        step_losses, correct = train.train_epoch(
+            net, optimizer, images, labels, params.batch_size, shuffle, LOSSES[params.loss], params.lr
+        )
+        step_losses.tolist(), correct.item()
+
+    return epoch
+
+
+def batched_train_epoch(
+    params: config.TrainParams,
+    device: torch.device,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    seeds: list[int],
+    precision: str,
+) -> tuple[Callable[[], None], batched.Stack, torch.Tensor]:
+    """The training epoch of one model per seed as one batched computation; returns it, its stack and inputs."""
+    models = [
+        mlp.build(params.impl, params.hidden, "relu", params.init_std, torch.Generator().manual_seed(seed))
+        for seed in seeds
+    ]
+    stacked = batched.stack(models, device)
+    images, labels = train_data
+    inputs = batched.as_inputs(images, precision)  # once per training run, not per epoch
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def epoch() -> None:
+        losses, correct = batched.sgd_epoch(
+            stacked, params.lr, inputs, labels, params.batch_size, generators, precision
+        )
+        losses.tolist(), correct.tolist()
+
+    return epoch, stacked, inputs
+
+
+def batched_gemm_epoch(stacked: batched.Stack, batch_size: int, inputs: torch.Tensor) -> Callable[[], None]:
+    """Only the GEMMs of a batched epoch on `inputs` (in their dtype): per step the forward per layer, dW per
+    layer and dH for all but the input layer, each one bmm over the M models."""
+    weights = [weight.to(inputs.dtype) for weight in stacked.weights]
+    biases = [bias.to(inputs.dtype).unsqueeze(1) for bias in stacked.biases]
+    block = inputs[:batch_size].expand(stacked.models, -1, -1).contiguous()  # [M, batch, 784]: what a step reads
+
+    def epoch() -> None:
+        for start in range(0, len(inputs), batch_size):
+            activations = [block[:, : min(batch_size, len(inputs) - start)]]
+            for weight, bias in zip(weights, biases):
+                activations.append(torch.baddbmm(bias, activations[-1], weight))
+            grad = activations[-1]  # a stand-in for dL/dlogits: only its shape matters
+            for layer in reversed(range(len(weights))):
+                torch.bmm(activations[layer].transpose(1, 2), grad)  # dW
+                if layer > 0:
+                    grad = torch.bmm(grad, weights[layer].transpose(1, 2))  # dH
+
+    return epoch
+
+
+def batched_pipelines(
+    params: config.TrainParams, device: torch.device, train_data: tuple[torch.Tensor, torch.Tensor], seeds: list[int]
+) -> dict[str, Callable[[], None]]:
+    """Training epochs to count models per second by: one seed alone in fp32, the seeds batched in fp32 and in
+    bf16, and the bf16 batched epoch's GEMMs alone."""
+    bf16_epoch, stacked, inputs = batched_train_epoch(params, device, train_data, seeds, "bf16")
+    return {
+        "fp32_single": single_train_epoch(params, device, train_data, seeds[0]),
+        "fp32_batched": batched_train_epoch(params, device, train_data, seeds, "fp32")[0],
+        "bf16_batched": bf16_epoch,
+        "bf16_gemm": batched_gemm_epoch(stacked, params.batch_size, inputs),
+    }
+
+
+def models_per_second(seconds: dict[str, list[float]], models: int) -> dict:
+    """Model-epochs of training per second (medians after the warm-up) and the bf16 batched epoch over its GEMMs."""
+    median = {name: statistics.median(values[1:] or values) for name, values in seconds.items()}
+    counts = {"fp32_single": 1, "fp32_batched": models, "bf16_batched": models, "bf16_gemm": models}
+    return {
+        "models_per_s": {name: _digits(count / median[name]) for name, count in counts.items()},
+        "bf16_ratio_vs_gemm": _digits(median["bf16_batched"] / median["bf16_gemm"]),
+        "batched_models": models,
+    }
+
+
 def measure(
     epochs: dict[str, Callable[[], float | None]],
     rounds: int,
@@ -290,8 +387,9 @@ def run(
     workers: int = D2L_WORKERS,
     report: Callable[[str], None] = print,
     seeds: int = 1,
+    models: int = BATCHED_MODELS,
 ) -> dict:
-    """Time `epochs` interleaved epochs of the four pipelines, then compare accuracies; the JSON line's figures."""
+    """Time `epochs` interleaved epochs of the eight pipelines, then compare accuracies; the JSON line's figures."""
     device = train.resolve_device(device_name)
     load_at_start = os.getloadavg()[0]  # other work on the machine skews every figure; our own runs add to it later
     with tempfile.TemporaryDirectory(prefix="bench.") as temp_name:
@@ -311,6 +409,7 @@ def run(
             "ours": ours,
             "gemm": gemm_epoch(net, params.batch_size, train_data[0], test_data[0]),
             "floor": floor,
+            **batched_pipelines(params, device, train_data, [first_seed + index for index in range(models)]),
         }
         seconds, last_accuracy = measure(pipelines, epochs, device, report)
         # Untimed: d2l's pipeline and ours trained on to ACCURACY_EPOCHS, and ours on d2l's own inputs
@@ -337,6 +436,7 @@ def run(
         accuracy = accuracy_study(runs, {name: (epochs, last_accuracy[name]) for name in ("d2l", "ours")}, seed_list)
     return {
         **summarize(seconds),
+        **models_per_second(seconds, models),
         **accuracy,
         "device": str(device),
         "device_name": device_description(device),
@@ -345,6 +445,7 @@ def run(
         "d2l_workers": workers,
         "data": source,
         "load_average_at_start": load_at_start,
+        "precision_auto": batched.resolve_precision("auto", device),
     }
 
 
@@ -381,6 +482,7 @@ def table(result: dict) -> str:
         f"d2l / ours {result['speedup_vs_d2l']:.1f}x: medians of {result['measured_epochs']} epochs after a "
         f"warm-up"
     )
+    lines.append(models_line(result))
     lines.append(
         f"test accuracy after {result['accuracy_epochs']} epochs, mean of seeds {result['accuracy_seeds']}: "
         f"ours {result['test_accuracy']:.4f}, d2l {result['d2l_test_accuracy']:.4f} "
@@ -392,6 +494,24 @@ def table(result: dict) -> str:
         f"data {result['data']}, load average at start {result['load_average_at_start']:.2f}"
     )
     return "\n".join(lines)
+
+
+def models_line(result: dict) -> str:
+    """Models per second and the ratios the issue sets goals for (bf16 >= 3x fp32 one seed, <= 1.3x its GEMMs)."""
+    rate = result["models_per_s"]
+    return (
+        f"models per second (training epochs): fp32 one seed {rate['fp32_single']:.2f}, "
+        f"{result['batched_models']} batched: fp32 {rate['fp32_batched']:.2f}, bf16 {rate['bf16_batched']:.2f}, "
+        f"bf16 GEMMs alone {rate['bf16_gemm']:.2f}; bf16 batched / fp32 one seed "
+        f"{rate['bf16_batched'] / rate['fp32_single']:.2f}x, bf16 batched takes {result['bf16_ratio_vs_gemm']:.2f}x "
+        f"its GEMMs' time (precision auto here: {result['precision_auto']})"
+    )
+
+
+def write_result(path: Path, result: dict, command: list[str]) -> None:
+    """The JSON line's figures, with the machine and the command, to a file kept in git (benchmarks/results)."""
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    write_json(path, {**result, "machine": machine, "command": " ".join(command)})
 
 
 @stage_entry
@@ -408,6 +528,8 @@ def main() -> None:
         default=Path("data/prepared/fashion_mnist"),
         help="train.pt and test.pt; made from --raw when absent",
     )
+    parser.add_argument("--models", type=int, default=BATCHED_MODELS, help="models trained together when batched")
+    parser.add_argument("--results", type=Path, default=RESULTS / "bench.json", help="where the JSON is kept too")
     parser.add_argument("--workers", type=int, default=D2L_WORKERS, help="DataLoader workers of the d2l pipeline")
     parser.add_argument(
         "--seeds",
@@ -417,8 +539,9 @@ def main() -> None:
         f"{ACCURACY_EPOCHS} more epochs of d2l's pipeline)",
     )
     args = parser.parse_args()
-    if args.seeds < 1:
-        raise PipelineError(f"--seeds: got {args.seeds}, expected 1 or more")
+    for name, value in (("--seeds", args.seeds), ("--models", args.models)):
+        if value < 1:
+            raise PipelineError(f"{name}: got {value}, expected 1 or more")
     params = config.load(args.params)
     result = run(
         params.variant(args.variant),
@@ -429,7 +552,9 @@ def main() -> None:
         EPOCHS["quick" if args.quick else "full"],
         args.workers,
         seeds=args.seeds,
+        models=args.models,
     )
+    write_result(args.results, result, ["python", "-m", "benchmarks.bench", *sys.argv[1:]])
     print(table(result))
     print(json.dumps(result), flush=True)
 

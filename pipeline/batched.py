@@ -29,6 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}  # what Linux's /proc/cpuinfo calls the units bf16 GEMMs need
 LOW = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _relu_backward = torch.ops.aten.threshold_backward
+CONTIGUOUS = torch.contiguous_format
 
 
 @dataclass
@@ -125,14 +126,16 @@ def sgd_epoch(
     true_log_probabilities, predictions = [], []
     for batch, label in zip(orders.split(batch_size, 1), shuffled_labels.split(batch_size, 1)):
         activations = step.forward(inputs_all.index_select(0, batch.reshape(-1)).view(*batch.shape, -1))
-        logits = activations.pop().float()
+        logits = activations.pop()
         predictions.append(logits.argmax(2))
-        log_probabilities = torch.log_softmax(logits, 2)
-        label = label.unsqueeze(2)
-        true_log_probabilities.append(log_probabilities.gather(2, label))
-        grad = log_probabilities.exp_().scatter_add_(2, label, step.minus_ones[:, : label.shape[1]])
-        step.backward(activations, grad, -lr / label.shape[1])  # grad: n * dLoss/dlogits, softmax minus one-hot
-    losses = -step_sums(torch.cat(true_log_probabilities, 1).squeeze(2), batch_size)
+        # Classes on dim 1: the CPU's log_softmax over 10 classes is ~20x faster there than on the last dim.
+        log_probabilities = torch.log_softmax(logits.transpose(1, 2).to(torch.float32, memory_format=CONTIGUOUS), 1)
+        label = label.unsqueeze(1)
+        true_log_probabilities.append(log_probabilities.gather(1, label))
+        grad = log_probabilities.exp_().scatter_add_(1, label, step.minus_ones[:, :, : label.shape[2]])
+        # grad: n * dLoss/dlogits (softmax minus one-hot), back as [M, n, classes]
+        step.backward(activations, grad.transpose(1, 2), -lr / label.shape[2])
+    losses = -step_sums(torch.cat(true_log_probabilities, 2).squeeze(1), batch_size)
     return losses, (torch.cat(predictions, 1) == shuffled_labels).sum(1)
 
 
@@ -151,7 +154,7 @@ class _Step:
         self.models, self.low = models, low
         first = models.weights[0]
         self.ones = first.new_ones(models.models, 1, batch_size)  # bias gradient as a GEMM: ones @ grad
-        self.minus_ones = -self.ones.transpose(1, 2)  # for softmax minus one-hot
+        self.minus_ones = -self.ones  # for softmax minus one-hot
         self.layers = list(zip(models.weights, models.biases))  # fp32: the masters themselves
         if low != torch.float32:  # bf16 copies, refreshed from the masters each step
             self.layers = [(weight.to(low), bias.to(low)) for weight, bias in self.layers]

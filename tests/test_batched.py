@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -160,3 +162,38 @@ def test_auto_precision_is_fp32_on_mps_and_a_bad_name_is_one_line():
     assert batched.resolve_precision("auto", torch.device("mps"), AVX512_BF16) == "fp32"
     with pytest.raises(PipelineError, match=r"^train.precision: got 'fp16', expected one of auto, fp32, bf16$"):
         batched.resolve_precision("fp16", CPU)
+
+
+def test_precision_benchmark_finds_bf16_equivalent_to_fp32_on_tiny_data(data):
+    """benchmarks.precision on small data: three seeds in fp32 and in bf16, paired by seed."""
+    from benchmarks import precision
+    from pipeline import config
+    from tests.conftest import REPO
+
+    params = dataclasses.replace(config.load(REPO / "params.yaml").variant("d2l"), hidden=(32,), epochs=10, lr=0.3)
+    result = precision.run(dataclasses.replace(params, batch_size=100), [0, 1, 2], *data, "cpu")
+    assert result["seeds"] == ["0", "1", "2"] and result["finite"] == {"fp32": True, "bf16": True}
+    fp32, bf16 = result["validation_accuracy"]["fp32"], result["validation_accuracy"]["bf16"]
+    assert min(fp32.values()) > 0.5  # the models learnt something
+    assert result["difference_mean"] == pytest.approx(sum(bf16[s] - fp32[s] for s in fp32) / 3)
+    assert result["verdict"] == "equivalent", result
+
+
+@pytest.mark.parametrize(
+    "differences, verdict",
+    [
+        ([0.001, -0.001, 0.0, 0.0005], "equivalent"),
+        ([0.02, 0.03, 0.025, 0.022], "better"),
+        ([-0.02, -0.03, -0.025, -0.022], "worse"),
+        ([0.02, -0.03, 0.01, -0.004], "inconclusive"),
+    ],
+)
+def test_paired_comparison_verdicts(differences, verdict):
+    from benchmarks import precision
+
+    second = {str(seed): 0.8 for seed in range(len(differences))}
+    first = {seed: 0.8 + difference for seed, difference in zip(second, differences)}
+    result = precision.paired_comparison(first, second, margin=0.005)
+    assert result["verdict"] == verdict
+    low, high = result["interval"]
+    assert low <= result["difference_mean"] <= high

@@ -42,7 +42,10 @@ KEYS = {
     "accuracy_epochs",
     "accuracy_seeds",
     "accuracy",
+    "models_per_s",
+    "bf16_ratio_vs_gemm",
 }
+TIMED = {"d2l", "ours", "gemm", "floor", "fp32_single", "fp32_batched", "bf16_batched", "bf16_gemm"}
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +118,19 @@ def test_accuracy_study_trains_no_further_when_the_timed_rounds_reached_ten_epoc
 
 def test_bench_run_reports_every_key_from_its_own_measurements(raw_dir, tmp_path):
     lines = []
-    result = bench.run(
-        small_params(), True, raw_dir, tmp_path / "absent", "cpu", epochs=3, workers=2, report=lines.append, seeds=2
-    )
+    result = bench.run(small_params(), True, raw_dir, tmp_path / "absent", "cpu", 3, 2, lines.append, seeds=2, models=3)
     assert KEYS <= set(result) and len(lines) == 4 and lines[-1].startswith("accuracy after 10 epochs, seeds [0, 1]")
     assert all(len(values) == 2 and 0 <= min(values) <= max(values) <= 1 for values in result["accuracy"].values())
     assert result["test_accuracy"] == pytest.approx(statistics.fmean(result["accuracy"]["ours"]), abs=1e-4)
     json.loads(json.dumps(result))  # the JSON line round-trips
     seconds = result["seconds"]
-    assert set(seconds) == {"d2l", "ours", "gemm", "floor"}
+    assert set(seconds) == TIMED
     assert all(len(values) == 3 and min(values) > 0 for values in seconds.values())
     medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    rates = result["models_per_s"]
+    assert rates["fp32_single"] == pytest.approx(1 / medians["fp32_single"], rel=1e-4)
+    assert rates["bf16_batched"] == pytest.approx(3 / medians["bf16_batched"], rel=1e-4)
+    assert result["bf16_ratio_vs_gemm"] == pytest.approx(medians["bf16_batched"] / medians["bf16_gemm"], rel=1e-3)
     assert result["epoch_s"] == pytest.approx(medians["ours"], rel=1e-4)
     assert result["ratio_vs_gemm"] == pytest.approx(result["epoch_s"] / result["gemm_bound_s"], rel=1e-3)
     assert result["speedup_vs_d2l"] == pytest.approx(result["d2l_epoch_s"] / result["epoch_s"], rel=1e-3)
@@ -154,6 +159,31 @@ def test_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_epoch(raw_dir, 
     assert bound.get_total_flops() == real.get_total_flops() > 0
 
 
+def test_batched_gemm_bound_does_exactly_the_matrix_multiplies_of_a_real_bf16_epoch(raw_dir):
+    """Counted by torch's FLOP counter: the bound's bmms against batched.sgd_epoch in bf16 for three seeds."""
+    params = small_params()
+    train_data = prepare.read_raw_split(raw_dir, "train")
+    epoch, stacked, inputs = bench.batched_train_epoch(params, torch.device("cpu"), train_data, [0, 1, 2], "bf16")
+    gemms = bench.batched_gemm_epoch(stacked, params.batch_size, inputs)
+    with FlopCounterMode(display=False) as real:
+        epoch()
+    with FlopCounterMode(display=False) as bound:
+        gemms()
+    assert bound.get_total_flops() == real.get_total_flops() > 0
+
+
+def test_models_per_second_counts_each_batched_model():
+    seconds = {
+        "fp32_single": [9, 2, 2],
+        "fp32_batched": [9, 5, 5],
+        "bf16_batched": [9, 2.5, 2.5],
+        "bf16_gemm": [9, 2, 2],
+    }
+    result = bench.models_per_second(seconds, models=5)
+    assert result["models_per_s"] == {"fp32_single": 0.5, "fp32_batched": 1.0, "bf16_batched": 2.0, "bf16_gemm": 2.5}
+    assert (result["bf16_ratio_vs_gemm"], result["batched_models"]) == (1.25, 5)
+
+
 @pytest.mark.integration
 def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
     result = run_tool(
@@ -170,12 +200,17 @@ def test_command_line_quick_run_ends_with_one_json_line(raw_dir, tmp_path):
             str(tmp_path / "absent"),
             "--workers",
             "0",
+            "--results",
+            str(tmp_path / "bench.json"),
         ],
         cwd=REPO,
         timeout=120,
     )
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert KEYS <= set(last) and last["epochs"] == bench.EPOCHS["quick"]
+    kept = json.loads((tmp_path / "bench.json").read_text())
+    assert kept["models_per_s"] == last["models_per_s"] and kept["command"].startswith("python -m benchmarks.bench")
+    assert kept["torch"] == torch.__version__ and kept["machine"]["cpu_count"] > 0
     assert "ours / GEMMs" in result.stdout
 
 
