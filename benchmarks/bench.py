@@ -6,6 +6,9 @@ ToTensor, DataLoader with 4 workers, the loops as the book writes them); our sta
 + `train.evaluate` on the prepared tensors; only the GEMMs such an epoch needs; and our epoch at hidden width
 1, whose GEMMs cost ~nothing, so it measures the per-step price of eager PyTorch. The first round warms up;
 each figure is the median of the others. Prints a table, then one JSON line.
+It also counts models per second (training epochs only): one seed alone in fp32 (today's loop), `--models`
+seeds trained together by pipeline/batched.py in fp32 and in bf16, and the bf16 batched epoch's GEMMs alone;
+the JSON is kept in benchmarks/results/bench.json with the machine and the command.
 Then, untimed, d2l's pipeline and ours train on to 10 epochs (for `--seeds` seeds) to compare test accuracy.
 On 2 threads of an AMD EPYC VM our epoch takes ~0.5 s, ~1.1-1.2x its GEMMs and ~15-18x less than d2l's.
 """

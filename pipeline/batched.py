@@ -118,6 +118,11 @@ def sgd_epoch(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of every model in its own random order; per-step summed losses [M, steps] and correct counts [M]."""
+    if precision not in LOW or len(generators) != models.models:
+        raise PipelineError(
+            f"batched.sgd_epoch: got precision {precision!r} and {len(generators)} generators, expected fp32 or "
+            f"bf16 (resolve_precision's answer) and one generator per model ({models.models})"
+        )
     count, low = len(labels), LOW[precision]
     inputs_all = images if images.dtype == low else as_inputs(images, precision)  # pass as_inputs' result: saves this
     orders = torch.stack([torch.randperm(count, device=images.device, generator=g) for g in generators])

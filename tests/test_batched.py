@@ -197,3 +197,13 @@ def test_paired_comparison_verdicts(differences, verdict):
     assert result["verdict"] == verdict
     low, high = result["interval"]
     assert low <= result["difference_mean"] <= high
+
+
+def test_an_unresolved_precision_or_a_missing_generator_is_one_line(data):
+    (images, labels), _ = data
+    stacked = batched.stack([build(seed) for seed in SEEDS], CPU)
+    shuffles = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+    with pytest.raises(PipelineError, match=r"got precision 'auto' and 3 generators, expected fp32 or bf16"):
+        batched.sgd_epoch(stacked, 0.1, images, labels, 100, shuffles, "auto")
+    with pytest.raises(PipelineError, match=r"one generator per model \(3\)"):
+        batched.sgd_epoch(stacked, 0.1, images, labels, 100, shuffles[:2], "fp32")
