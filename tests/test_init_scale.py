@@ -47,7 +47,7 @@ def test_diagnostics_match_autograd_and_their_definitions(data):
     images, labels = data["train"][0][:64], data["train"][1][:64]
     nets = [mlp.build("module", (32,), "relu", (std, 1.0), torch.Generator().manual_seed(seed))
             for seed, std in enumerate((0.01, 0.3, 1.0))]  # fmt: skip
-    figures = init_scale.diagnose(batched.stack(nets, torch.device("cpu")), images, labels)
+    figures = init_scale.diagnose(batched.stack(nets, torch.device("cpu")), images, labels, lr=0.1)
     for index, net in enumerate(nets):
         logits = net(images)
         loss = F.cross_entropy(logits, labels)
@@ -62,6 +62,11 @@ def test_diagnostics_match_autograd_and_their_definitions(data):
         assert figures["saturated_fraction"][index].item() == pytest.approx((top > 0.99).float().mean().item())
         dead = (hidden.max(0).values <= 0).float().mean().item()
         assert figures["dead_relu_fraction"][index].item() == pytest.approx(dead)
+        with torch.no_grad():  # one plain SGD step on the batch's mean loss, then how far the logits moved
+            for parameter in net.parameters():
+                parameter -= 0.1 * parameter.grad
+            step = (net(images) - logits).pow(2).mean().sqrt().item()
+        assert figures["logit_step"][index].item() == pytest.approx(step, rel=1e-3)
     assert figures["logit_std"][2] > 50 * figures["logit_std"][0]  # W1 100x wider: logits about 100x wider
 
 

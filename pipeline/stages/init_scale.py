@@ -34,6 +34,7 @@ from pipeline.tensors import load_split
 DIAGNOSTICS = (
     "loss",
     "logit_std",
+    "logit_step",
     "saturated_fraction",
     "dead_relu_fraction",
     "grad_norm_w1",
@@ -59,26 +60,38 @@ def points(study: config.InitScaleParams) -> list[Point]:
 
 
 @torch.no_grad()
-def diagnose(group: batched.Stack, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each model's figures on one batch of images (fp32, one hidden layer): DIAGNOSTICS -> [M] tensors."""
+def diagnose(group: batched.Stack, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    """Each model's figures on one batch of images (fp32, one hidden layer): DIAGNOSTICS -> [M] tensors.
+    logit_step is how far one SGD step at `lr` on this batch's mean loss moves the logits (root mean square):
+    the learning rate as the function feels it."""
     (w1, w2), (b1, b2) = group.weights, group.biases
     count, inputs = len(labels), images.expand(len(w1), *images.shape)
-    hidden = torch.baddbmm(b1.unsqueeze(1), inputs, w1).relu_()
-    logits = torch.baddbmm(b2.unsqueeze(1), hidden, w2)
+    hidden, logits = _forward(inputs, w1, b1, w2, b2)
     log_probabilities = logits.log_softmax(-1)
     targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
     grad_logits = (log_probabilities.exp() - targets) / count  # d(mean loss)/d(logits)
     grad_hidden = torch.bmm(grad_logits, w2.transpose(1, 2)) * (hidden > 0)
+    grad_w1, grad_w2 = torch.bmm(inputs.transpose(1, 2), grad_hidden), torch.bmm(hidden.transpose(1, 2), grad_logits)
+    _, stepped = _forward(
+        inputs, w1 - lr * grad_w1, b1 - lr * grad_hidden.sum(1), w2 - lr * grad_w2, b2 - lr * grad_logits.sum(1)
+    )
     return {
         "loss": -(log_probabilities * targets).sum((1, 2)) / count,
         "logit_std": logits.flatten(1).std(1),
+        "logit_step": (stepped - logits).flatten(1).pow(2).mean(1).sqrt(),
         "saturated_fraction": (log_probabilities.amax(-1).exp() > SATURATED).float().mean(1),
         "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
-        "grad_norm_w1": torch.bmm(inputs.transpose(1, 2), grad_hidden).flatten(1).norm(dim=1),
-        "grad_norm_w2": torch.bmm(hidden.transpose(1, 2), grad_logits).flatten(1).norm(dim=1),
+        "grad_norm_w1": grad_w1.flatten(1).norm(dim=1),
+        "grad_norm_w2": grad_w2.flatten(1).norm(dim=1),
         "weight_norm_w1": w1.flatten(1).norm(dim=1),
         "weight_norm_w2": w2.flatten(1).norm(dim=1),
     }
+
+
+def _forward(inputs, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden activations and logits of the stacked one-hidden-layer MLPs."""
+    hidden = torch.baddbmm(b1.unsqueeze(1), inputs, w1).relu_()
+    return hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2)
 
 
 def train(
@@ -97,7 +110,8 @@ def train(
     shuffles = [torch.Generator(device=device).manual_seed(seed) for _, seed in models]
     histories: list[list[dict]] = [[] for _ in models]
     full_loss = batched.evaluate(group, train_images, train_labels)[0]  # epoch 0: the train loss at init
-    _record(histories, 0, full_loss.tolist(), group, probe, validation, 0.0)
+    measure = lambda: _measure(group, probe, validation, train_params.lr)  # noqa: E731 - the same four, each epoch
+    _record(histories, 0, full_loss.tolist(), *measure(), 0.0)
     report([history[-1] for history in histories])
     inputs = batched.as_inputs(train_images, precision)  # converted once, not every epoch
     for epoch in range(1, study.epochs + 1):
@@ -106,7 +120,7 @@ def train(
             group, train_params.lr, inputs, train_labels, train_params.batch_size, shuffles, precision
         )
         train_loss = (step_losses.sum(1) / len(train_labels)).tolist()
-        _record(histories, epoch, train_loss, group, probe, validation, time.perf_counter() - started)
+        _record(histories, epoch, train_loss, *measure(), time.perf_counter() - started)
         report([history[-1] for history in histories])
     return models, histories, precision
 
@@ -117,10 +131,15 @@ def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.
     return mlp.build("module", hidden, "relu", (point.w1_std, point.w2_std), generator).to(device)
 
 
-def _record(histories, epoch: int, train_loss: list[float], group, probe, validation, seconds: float) -> None:
+def _measure(group: batched.Stack, probe: tuple, validation: tuple, lr: float) -> tuple[dict, list]:
+    """The probe's diagnostics and the validation accuracy of every model, as lists."""
+    figures = {name: values.tolist() for name, values in diagnose(group, *probe, lr).items()}
+    accuracy = batched.evaluate(group, *validation)[1].tolist() if len(validation[1]) else [None] * group.models
+    return figures, accuracy
+
+
+def _record(histories, epoch: int, train_loss: list[float], figures: dict, accuracy: list, seconds: float) -> None:
     """Append each model's epoch: train loss, validation accuracy, and the probe's diagnostics (null if diverged)."""
-    figures = {name: values.tolist() for name, values in diagnose(group, *probe).items()}
-    accuracy = batched.evaluate(group, *validation)[1].tolist() if len(validation[1]) else [None] * len(histories)
     for index, history in enumerate(histories):
         diverged = bool(history and history[-1]["train_loss"] is None) or not math.isfinite(train_loss[index])
         record = {"epoch": epoch, "train_loss": train_loss[index], "validation_accuracy": accuracy[index]}
