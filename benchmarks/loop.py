@@ -6,6 +6,10 @@ temporary directory, runs `dvc repro` there once, then per round sets a new `var
 `dvc repro`: wall seconds, training seconds (what the train stage reports), the overhead (wall minus
 training) and each stage's share, timed from DVC's streamed "Running stage" lines. The last line is JSON
 with the medians. Target of issues #16 and #21: overhead <= 15 s, with every stage a plain process.
+
+`python -m benchmarks.loop --costs` instead prints what one fresh stage process pays before and around its
+work (medians of --rounds fresh processes): the interpreter, importing torch and MLflow, and each MLflow call
+a train stage makes, against an embedded store that already exists (as in the loop) in a throwaway git repo.
 """
 
 from __future__ import annotations
@@ -52,6 +56,62 @@ def copy_repository(into: Path) -> Path:
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "benchmark copy"]):
         subprocess.run(["git", *command], cwd=into, check=True, env={**os.environ, **git})
     return into
+
+
+# One stage's MLflow calls, timed in a fresh process: the seeds log 10 epochs each, the best seed logs its model.
+STAGE_CALLS = """
+import json, time
+started = time.perf_counter()
+seconds = {}
+def took(name):
+    global started
+    now = time.perf_counter()
+    seconds[name] = now - started
+    started = now
+import torch; took("import torch")
+import mlflow; took("import mlflow")
+from pipeline import model, serving, tracking
+took("import our helpers")
+with tracking.stage_run("train", "costs", variant="d2l"):
+    took("stage_run start (store, experiment, close_orphans, lineage, start_run)")
+    mlflow.log_params({f"param_{index}": index for index in range(12)}); took("log_params")
+    for seed in range(3):
+        with tracking.child_run(f"seed {seed}", tracking.lineage_tags("train", "d2l")):
+            for epoch in range(10):
+                mlflow.log_metrics({"train_loss": 0.5, "validation_accuracy": 0.8}, step=epoch)
+    took("3 seed runs, 10 epochs of log_metrics each")
+    net, architecture = model.module_mlp((256,), "relu"), {"impl": "module", "hidden": [256], "activation": "relu"}
+    serving.log_model(net, architecture, 0.29, 0.35, tuple("0123456789"))
+    took("log_model")
+took("end_run")
+print(json.dumps(seconds))
+"""
+
+
+def fresh_seconds(code: str, cwd: Path, env: dict) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def process_costs(rounds: int) -> dict[str, float]:
+    """Medians over `rounds` fresh processes of what a stage pays outside its own work."""
+    work = Path(tempfile.mkdtemp(prefix="d2l-costs-"))
+    try:
+        subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(work)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        subprocess.run([sys.executable, "-c", STAGE_CALLS], cwd=work, env=env, check=True, capture_output=True)
+        samples = []
+        for _ in range(rounds):
+            interpreter = fresh_seconds("pass", work, env)
+            calls = subprocess.run(
+                [sys.executable, "-c", STAGE_CALLS], cwd=work, env=env, check=True, capture_output=True, text=True
+            )
+            samples.append({"interpreter start and exit": interpreter, **json.loads(calls.stdout.splitlines()[-1])})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {name: round(statistics.median(sample[name] for sample in samples), 3) for name in samples[0]}
 
 
 def set_lr(params: Path, variant: str, lr: float) -> None:
@@ -150,7 +210,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", default="d2l")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and print its path")
+    parser.add_argument("--costs", action="store_true", help="per-process costs of a stage instead of the loop")
     args = parser.parse_args()
+    if args.costs:
+        print(json.dumps(process_costs(args.rounds), indent=1))
+        return
     work = Path(tempfile.mkdtemp(prefix="d2l-loop-"))
     copy = copy_repository(work / "repo")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -76,10 +76,12 @@ def run_tool(
 
 
 def copy_repo(destination: Path) -> Path:
-    """The repo's tracked files (no data, no results) as a fresh git repo."""
+    """The repo's tracked files (no data, no results, but their .gitignore files: what git keeps of an output
+    decides what `dvc exp apply` can bring back) as a fresh git repo."""
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for name in filter(None, tracked.decode().split("\0")):
-        if name == "dvc.lock" or name.startswith(("results/", "reports/", "metrics/")):
+        output = name.startswith(("results/", "reports/", "metrics/")) and not name.endswith("/.gitignore")
+        if name == "dvc.lock" or output:
             continue
         if (REPO / name).is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)

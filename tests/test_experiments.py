@@ -89,8 +89,32 @@ def experiments(tmp_path_factory, tiny_dataset):
     record["show"] = run_tool(["dvc", "exp", "show", "--only-changed", "--no-pager"], repo, {**env, "COLUMNS": "200"})
     record["show_json"] = json.loads(run_tool(["dvc", "exp", "show", "--json"], repo, env).stdout)
     record["champion_after"] = client.get_model_version_by_alias("d2l-mlp", "champion").version
+    record["round_trip"] = round_trip(repo, env)
     yield record
     run_tool(["dvc", "queue", "stop", "--kill"], repo, env, check=False)
+
+
+def round_trip(repo, env) -> str:
+    """`dvc exp run --temp`, `dvc exp apply`, then what `dvc repro` ran. The lr is small enough to change the
+    confusion matrices (at the default lr every variant is perfect on the tiny data)."""
+    run_tool(["dvc", "exp", "run", "--temp", "--name", "round-trip", "-S", "+variants.d2l.lr=0.0005"], repo, env)
+    run_tool(["dvc", "exp", "apply", "round-trip"], repo, env)
+    return run_tool(["dvc", "repro"], repo, env).stdout
+
+
+def test_every_output_git_keeps_is_committable():
+    """An uncached output (cache: false) that git ignores is in neither git nor DVC's cache: `dvc exp apply`
+    cannot bring it back from an experiment, and the next `dvc repro` reruns its stage."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        outputs = [str(out.fs_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache]
+    ignored = run_tool(["git", "check-ignore", "--no-index", *outputs], REPO, check=False).stdout.split()
+    assert outputs and ignored == []
+
+
+def test_an_applied_temp_experiment_needs_no_rerun(experiments):
+    assert "Running stage" not in experiments["round_trip"], experiments["round_trip"]
 
 
 def train_runs(client) -> list:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import sys
 import threading
 
 import pytest
 import yaml
 
 from pipeline.datasets import BUILT_IN
-from tests.conftest import copy_repo, run_tool, tool_env
+from tests.conftest import commit_all, copy_repo, run_tool, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,8 @@ def mirror(tiny_dataset):
 
 
 @pytest.fixture(scope="module")
-def mnist_repo(tmp_path_factory, tiny_dataset, mirror, mlflow_server):
+def mnist_repo(tmp_path_factory, tiny_dataset, mirror):
+    """The lesson run as users run it (cd lessons/mnist && dvc repro), logging to the default embedded store."""
     repo = copy_repo(tmp_path_factory.mktemp("mnist_repo"))
     path = repo / "lessons/mnist/params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -50,9 +52,10 @@ def mnist_repo(tmp_path_factory, tiny_dataset, mirror, mlflow_server):
     params["train"].update(epochs=2, batch_size=64, seeds=[0])
     params["variants"] = VARIANTS
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
+    commit_all(repo, "tiny MNIST")
+    env = tool_env()  # no MLFLOW_TRACKING_URI: the embedded store, which DVC_ROOT=lessons/mnist must not move
     output = run_tool(["dvc", "repro"], repo / "lessons/mnist", env).stdout
-    return {"repo": repo, "output": output, "uri": mlflow_server, "mirror": mirror}
+    return {"repo": repo, "output": output, "uri": f"sqlite:///{repo / 'mlflow.db'}", "mirror": mirror, "env": env}
 
 
 def test_mnist_params_default_to_the_pinned_mnist_and_a_512_wide_net():
@@ -90,3 +93,14 @@ def test_mnist_runs_go_to_their_own_experiment(mnist_repo):
         run for run in client.search_runs([experiment.experiment_id]) if run.info.run_name == "train@mlp_512_mse"
     )
     assert mse.data.params["loss"] == "mse" and mse.data.params["hidden"] == "(512,)"
+
+
+def test_mnist_logs_to_the_root_store_and_leaves_the_root_pipeline_clean(mnist_repo):
+    repo = mnist_repo["repo"]
+    assert (repo / "mlflow.db").exists() and not (repo / "lessons/mnist/mlflow.db").exists()
+    assert not (repo / "lessons/mnist/mlartifacts").exists()
+    dirty = run_tool(
+        [sys.executable, "-c", "from pipeline import tracking; print(tracking.code_dirty())"], repo, mnist_repo["env"]
+    )
+    assert dirty.stdout.strip() == "False"  # the lesson's outputs are not code: root runs stay promotable
+    assert run_tool(["git", "status", "--porcelain", "lessons/mnist/results"], repo).stdout  # they are untracked

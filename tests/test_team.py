@@ -60,9 +60,7 @@ class Stack:
         )
 
     def server(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run_tool(
-            [sys.executable, str(TEAM_SERVER), *args, "--state-dir", str(self.root)], REPO, timeout=240, check=check
-        )
+        return run_tool([str(TEAM_SERVER), *args, "--state-dir", str(self.root)], REPO, timeout=240, check=check)
 
     def remote_url(self) -> str:
         return f"ssh://{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1:{self.ports['ssh']}{self.root / 'dvc-store'}"
