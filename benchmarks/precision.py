@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,13 +19,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench import device_description, write_result
-from pipeline import batched, config, tensors
+from pipeline import batched, config, stats, tensors
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.stages import train
 
-MARGIN = 0.005  # accuracy: the init-scale study's margin of equivalence
+MARGIN = 0.005  # accuracy: compare.margin in params.yaml, the margin every comparison of the pipeline uses
 CONFIDENCE = 0.90  # two one-sided tests at 5% each
 RESULTS = Path(__file__).parent / "results"
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -52,31 +50,6 @@ def train_together(
     return stacked, losses, time.perf_counter() - started
 
 
-def paired_comparison(first: dict[str, float], second: dict[str, float], margin: float) -> dict:
-    """first - second over the shared seeds: mean, 90% t interval and a verdict (equivalent when the interval
-    lies inside +-margin; better or worse when it excludes 0; else inconclusive). A private stand-in for
-    pipeline.stats.paired_comparison, which the lead is adding."""
-    from scipy.stats import t
-
-    seeds = sorted(set(first) & set(second))
-    differences = [first[seed] - second[seed] for seed in seeds]
-    if len(differences) < 2:
-        raise PipelineError(f"paired comparison: got {len(differences)} shared seeds, expected 2 or more")
-    mean = statistics.fmean(differences)
-    half = t.ppf((1 + CONFIDENCE) / 2, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(seeds))
-    low, high = mean - half, mean + half
-    verdict = (
-        "equivalent"
-        if -margin < low and high < margin
-        else "better"
-        if low > 0
-        else "worse"
-        if high < 0
-        else "inconclusive"
-    )
-    return {"seeds": seeds, "difference_mean": mean, "interval": [float(low), float(high)], "verdict": verdict}
-
-
 def run(params: config.TrainParams, seeds: list[int], train_data: Split, validation_data: Split, device_name: str):
     """Train the seeds in fp32 and in bf16; validation accuracy per seed, the TOST result and the seconds."""
     device = train.resolve_device(device_name)
@@ -88,7 +61,7 @@ def run(params: config.TrainParams, seeds: list[int], train_data: Split, validat
         accuracy[precision] = {str(seed): value for seed, value in zip(seeds, accuracies)}
         loss[precision] = {str(seed): value for seed, value in zip(seeds, losses_per_model)}
         finite[precision] = bool(torch.isfinite(losses).all())
-    comparison = paired_comparison(accuracy["bf16"], accuracy["fp32"], MARGIN)
+    comparison = stats.paired_comparison(accuracy["bf16"], accuracy["fp32"], MARGIN)
     return {
         "comparison": "bf16 - fp32, validation accuracy after the last epoch",
         "margin": MARGIN,

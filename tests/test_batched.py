@@ -179,26 +179,6 @@ def test_precision_benchmark_finds_bf16_equivalent_to_fp32_on_tiny_data(data):
     assert result["verdict"] == "equivalent", result
 
 
-@pytest.mark.parametrize(
-    "differences, verdict",
-    [
-        ([0.001, -0.001, 0.0, 0.0005], "equivalent"),
-        ([0.02, 0.03, 0.025, 0.022], "better"),
-        ([-0.02, -0.03, -0.025, -0.022], "worse"),
-        ([0.02, -0.03, 0.01, -0.004], "inconclusive"),
-    ],
-)
-def test_paired_comparison_verdicts(differences, verdict):
-    from benchmarks import precision
-
-    second = {str(seed): 0.8 for seed in range(len(differences))}
-    first = {seed: 0.8 + difference for seed, difference in zip(second, differences)}
-    result = precision.paired_comparison(first, second, margin=0.005)
-    assert result["verdict"] == verdict
-    low, high = result["interval"]
-    assert low <= result["difference_mean"] <= high
-
-
 def test_an_unresolved_precision_or_a_missing_generator_is_one_line(data):
     (images, labels), _ = data
     stacked = batched.stack([build(seed) for seed in SEEDS], CPU)
