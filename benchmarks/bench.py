@@ -513,8 +513,10 @@ def models_line(result: dict) -> str:
 
 def write_result(path: Path, result: dict, command: list[str]) -> None:
     """The JSON line's figures, with the machine and the command, to a file kept in git (benchmarks/results)."""
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    write_json(path, {**result, "machine": machine, "command": " ".join(command)})
+    from pipeline.devices import machine
+
+    system = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    write_json(path, {**result, "machine": machine(), "system": system, "command": " ".join(command)})
 
 
 @stage_entry

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.bench import RESULTS, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = ("data/raw", "data/prepared")
 RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -213,7 +215,13 @@ def main() -> None:
     parser.add_argument("--costs", action="store_true", help="per-process costs of a stage instead of the loop")
     args = parser.parse_args()
     if args.costs:
-        print(json.dumps(process_costs(args.rounds), indent=1))
+        costs = process_costs(args.rounds)
+        print(json.dumps(costs, indent=1))
+        write_result(
+            RESULTS / "loop_costs.json",
+            {"rounds": args.rounds, **costs},
+            ["python", "-m", "benchmarks.loop", *sys.argv[1:]],
+        )
         return
     work = Path(tempfile.mkdtemp(prefix="d2l-loop-"))
     copy = copy_repository(work / "repo")
@@ -226,7 +234,9 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"rounds": args.rounds, "variant": args.variant, "target_overhead_s": 15, **medians(results)}))
+    result = {"rounds": args.rounds, "variant": args.variant, "target_overhead_s": 15, **medians(results)}
+    print(json.dumps(result))
+    write_result(RESULTS / "loop.json", result, ["python", "-m", "benchmarks.loop", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
