@@ -3,11 +3,12 @@
 A figure is annotated where it stands, with an HTML comment that rendered Markdown hides:
 
     0.8721<!--fig reports/compare.json variants.d2l.test_accuracy_mean .4f-->
-    `indistinguishable`<!--fig reports/compare.json selection.verdict s-->
+    `d2l`<!--fig reports/compare.json selection.champion s-->
     78.1<!--fig results/*/train.json per_seed.*.train_seconds|sum .1f--> s
 
 FILE is JSON, YAML, CSV (rows by index) or Python (a module-level literal); a glob gives a list.
-KEY is a dotted path (`*` maps over every item), then filters: sum mean min max len abs *N /N.
+KEY is a dotted path (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with
+those fields), then filters: sum mean min max len abs *N /N.
 FORMAT is Python's format spec (`s` for text, which stands in backticks or **bold**).
 A table or lines copied from a file sit between `<!--include FILE table N-->` and `<!--/include-->`.
 A number that needs no source says why: `2 s<!--nofig MLflow's own constant-->`, or a paragraph or table
@@ -110,12 +111,42 @@ def _number(text: str) -> object:
         return text
 
 
+def key_parts(key: str) -> list[str]:
+    """A dotted path's parts; a `[field=value,...]` selector is one part, dots inside it included."""
+    return re.findall(r"\[[^\]]*\]|[^.\[\]]+", key)
+
+
+def select(items: object, selector: str) -> object:
+    """The one list item whose fields equal a `[field=value,...]` selector's values (numbers compared as numbers)."""
+    wanted = [condition.partition("=")[::2] for condition in selector[1:-1].split(",")]
+    matches = [
+        item
+        for item in (items if isinstance(items, list) else [])
+        if isinstance(item, dict) and all(_same(item.get(field), text) for field, text in wanted)
+    ]
+    if len(matches) != 1:
+        raise FigureError(f"{selector}: matches {len(matches)} items, expected one")
+    return matches[0]
+
+
+def _same(value: object, text: str) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(text) == value
+        except ValueError:
+            return False
+    return str(value) == text
+
+
 def lookup(value: object, path: list[str]) -> object:
-    """Follow a dotted path; `*` maps the rest of the path over every item."""
+    """Follow a dotted path; `*` maps the rest of the path over every item, `[field=value]` picks one."""
     for index, part in enumerate(path):
         if part == "*":
             items = value.values() if isinstance(value, dict) else value
             return [lookup(item, path[index + 1 :]) for item in items]
+        if part.startswith("["):
+            value = select(value, part)
+            continue
         try:
             value = value[int(part)] if isinstance(value, list) else value[part]
         except (KeyError, IndexError, ValueError, TypeError):
@@ -146,7 +177,7 @@ def resolve(root: Path, file: str, key: str) -> object:
     matches = sorted(root.glob(file)) if any(c in file for c in "*?[") else [root / file]
     if not matches or not matches[0].exists():
         raise FigureError(f"{file}: no such file")
-    values = [lookup(load(match), path.split(".")) for match in matches]
+    values = [lookup(load(match), key_parts(path)) for match in matches]
     value = values if len(matches) > 1 or file != str(matches[0].relative_to(root)) else values[0]
     for name in filters:
         value = apply(value, name)
