@@ -125,16 +125,17 @@ def test_unsourced_flags_loose_figures_and_spares_code_versions_and_reasons(tmp_
     assert [problem.message.split()[0] for problem in docfigures.unsourced(tmp_path)] == ["'12.5'", "'40", "'7%'"]
 
 
-def test_a_selector_picks_the_one_list_item_with_those_fields(tmp_path: Path):
+def test_a_selector_picks_the_one_list_item_and_a_key_may_hold_spaces(tmp_path: Path):
     (tmp_path / "docs").mkdir()
     points = [{"w1": 0.01, "w2": 0.01, "loss": 0.3}, {"w1": 0.01, "w2": 1.0, "loss": 0.9}, {"w1": None, "loss": 0.2}]
-    (tmp_path / "r.json").write_text(json.dumps({"points": points}))
+    (tmp_path / "r.json").write_text(json.dumps({"points": points, "costs": {"import torch, once": 0.95}}))
     (tmp_path / "README.md").write_text(
         "0<!--fig r.json points.[w1=0.01,w2=1].loss .1f--> 0<!--fig r.json points.[w1=None].loss .1f-->"
-        " 0<!--fig r.json points.[w1=0.01].loss .1f-->\n"
+        " 0<!--fig r.json points.[w1=0.01].loss .1f--> 0<!--fig r.json costs.import torch, once .2f-->\n"
     )
     assert [problem.message for problem in docfigures.write(tmp_path)] == ["[w1=0.01]: matches 2 items, expected one"]
-    assert (tmp_path / "README.md").read_text().startswith("0.9<!--fig r.json points.[w1=0.01,w2=1].loss .1f--> 0.2")
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("0.9<!--fig r.json points.[w1=0.01,w2=1].loss .1f--> 0.2") and " 0.95<!--fig" in text
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ A figure is annotated where it stands, with an HTML comment that rendered Markdo
     78.1<!--fig results/*/train.json per_seed.*.train_seconds|sum .1f--> s
 
 FILE is JSON, YAML, CSV (rows by index) or Python (a module-level literal); a glob gives a list.
-KEY is a dotted path (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with
+KEY is a dotted path, spaces allowed (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with
 those fields), then filters: sum mean min max len abs *N /N.
 FORMAT is Python's format spec (`s` for text, which stands in backticks or **bold**).
 A table or lines copied from a file sit between `<!--include FILE table N-->` and `<!--/include-->`.
@@ -199,9 +199,10 @@ def render(value: object, spec: str) -> str:
 def expected(root: Path, args: str, token: str) -> str:
     """What an annotated token should read, delimiters kept."""
     parts = args.split()
-    if len(parts) != 3:
+    if len(parts) < 3:
         raise FigureError(f"<!--fig {args}-->: expected FILE KEY FORMAT")
-    text = render(resolve(root, *parts[:2]), parts[2])
+    # A key may hold spaces (a benchmark's cost names): it is everything between the file and the format.
+    text = render(resolve(root, parts[0], " ".join(parts[1:-1])), parts[-1])
     for mark in ("`", "**"):
         if token.startswith(mark):
             return f"{mark}{text}{mark}"
