@@ -106,13 +106,17 @@ def test_filters_globs_and_includes(tmp_path: Path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "t.json").write_text(json.dumps({"per_seed": [{"s": value} for value in seconds]}))
     (tmp_path / "report.md").write_text("# r\n\n| x |\n|---|\n| 1 |\n\ntext\n")
+    (tmp_path / "ratio.json").write_text(json.dumps({"fast": 9.0, "slow": 3.0}))
     (tmp_path / "README.md").write_text(
+        "0<!--fig ratio.json fast|/slow .1f-->x, **x**<!--fig ratio.json fast|/slow|atleast:3.5 s-->,"
+        " **x**<!--fig ratio.json slow|atmost:3 s-->\n"
         "0<!--fig */t.json per_seed.*.s|sum .1f--> s, 0<!--fig a/t.json per_seed.*.s|mean|*100 .0f-->\n"
         "<!--include report.md table 1-->\n<!--/include-->\n"
     )
     docfigures.write(tmp_path)
     text = (tmp_path / "README.md").read_text()
-    assert text.startswith("6.5<!--fig") and " s, 150<!--fig" in text and "| x |\n|---|\n| 1 |\n<!--/include-->" in text
+    assert text.startswith("3.0<!--fig") and "**not met**<!--fig" in text and "**met**<!--fig ratio.json slow" in text
+    assert "6.5<!--fig" in text and " s, 150<!--fig" in text and "| x |\n|---|\n| 1 |\n<!--/include-->" in text
 
 
 def test_unsourced_flags_loose_figures_and_spares_code_versions_and_reasons(tmp_path: Path):

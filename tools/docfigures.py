@@ -8,7 +8,9 @@ A figure is annotated where it stands, with an HTML comment that rendered Markdo
 
 FILE is JSON, YAML, CSV (rows by index) or Python (a module-level literal); a glob gives a list.
 KEY is a dotted path, spaces allowed (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with
-those fields), then filters: sum mean min max len abs *N /N.
+those fields), then filters: sum mean min max len abs, *N /N, *KEY /KEY (another
+value of the same file), atleast:N atmost:N (a goal: `met` or `not met`;
+`>` cannot stand in a comment's arguments).
 FORMAT is Python's format spec (`s` for text, which stands in backticks or **bold**).
 A table or lines copied from a file sit between `<!--include FILE table N-->` and `<!--/include-->`.
 A number that needs no source says why: `2 s<!--nofig MLflow's own constant-->`, or a paragraph or table
@@ -161,14 +163,19 @@ def flatten(value: object) -> object:
     return [leaf for item in value for leaf in (flatten(item) if isinstance(item, list) else [item])]
 
 
-def apply(value: object, name: str) -> object:
-    """One filter: a reducer by name, or *N and /N."""
+def apply(value: object, name: str, data: object = None) -> object:
+    """One filter: a reducer by name; *N and /N, or *KEY and /KEY (another value of the same file); atleast:N and
+    atmost:N, a goal, which give `met` or `not met`."""
     if name in FILTERS:
         return FILTERS[name](flatten(value) if name != "abs" else value)
-    if name[:1] in "*/" and re.fullmatch(r"[*/]\d+(\.\d+)?", name):
-        factor = float(name[1:])
+    goal = re.fullmatch(r"(atleast|atmost):([-+]?\d+(?:\.\d+)?)", name)
+    if goal:
+        reached = value >= float(goal[2]) if goal[1] == "atleast" else value <= float(goal[2])
+        return "met" if reached else "not met"
+    if name[:1] in ("*", "/") and len(name) > 1:
+        factor = float(name[1:]) if re.fullmatch(r"\d+(\.\d+)?", name[1:]) else lookup(data, key_parts(name[1:]))
         return value * factor if name[0] == "*" else value / factor
-    raise FigureError(f"filter {name!r}: expected one of {', '.join(FILTERS)}, *N or /N")
+    raise FigureError(f"filter {name!r}: expected one of {', '.join(FILTERS)}, *N, /N, *KEY, /KEY, atleast:N, atmost:N")
 
 
 def resolve(root: Path, file: str, key: str) -> object:
@@ -177,10 +184,12 @@ def resolve(root: Path, file: str, key: str) -> object:
     matches = sorted(root.glob(file)) if any(c in file for c in "*?[") else [root / file]
     if not matches or not matches[0].exists():
         raise FigureError(f"{file}: no such file")
-    values = [lookup(load(match), key_parts(path)) for match in matches]
-    value = values if len(matches) > 1 or file != str(matches[0].relative_to(root)) else values[0]
+    loaded = [load(match) for match in matches]
+    values = [lookup(data, key_parts(path)) for data in loaded]
+    single = len(matches) == 1 and file == str(matches[0].relative_to(root))
+    value = values[0] if single else values
     for name in filters:
-        value = apply(value, name)
+        value = apply(value, name, loaded[0] if single else None)
     return value
 
 
