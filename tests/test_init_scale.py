@@ -95,3 +95,19 @@ def test_the_report_has_the_issues_form_with_seed_spreads(data):
     unit, scaled = points[1], points[0]
     assert unit["at_init"]["loss"] > 10 * scaled["at_init"]["loss"] and unit["at_init"]["saturated_fraction"] > 0.5
     assert scaled["at_init"]["saturated_fraction"] == 0.0
+
+
+def test_the_table_has_a_row_per_point_with_each_report_epoch(data):
+    models, histories, _ = init_scale.train(study(), train_params(), data)
+    summary = {
+        "points": init_scale.summarize(study(), models, histories, loss_gate=0.5),
+        "probe_images": 64,
+        "lr": 0.1,
+        "loss_gate": "train loss < 0.5",
+        "precision": "fp32",
+        "machine": "here",
+    }
+    table = init_scale.markdown(summary)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 4 and "train loss @1" in rows[0] and "val acc @3" in rows[0]
+    assert rows[-1].startswith("| pytorch default |") and rows[2].split(" | ")[3] != "0.0%"  # std 1 saturates

@@ -27,7 +27,7 @@ from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.devices import machine, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.files import pyplot, write_json, write_png
+from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.stats import mean_and_std
 from pipeline.tensors import load_split
 
@@ -258,6 +258,43 @@ def _at_init(panel, grid: list[dict], names: tuple[str, ...], scale: str, title:
     panel.set(xscale="log", yscale=scale, xlabel="init std (W1 and W2)", title=title)
 
 
+def markdown(summary: dict) -> str:
+    """The study as a table: per point, the state at init and the figures at each report epoch (mean ± std)."""
+    epochs = sorted(int(epoch) for epoch in summary["points"][0]["epochs"])
+    header = ["point", "loss at init", "logit std", "saturated", "logit step"]
+    header += [f"{what} @{epoch}" for epoch in epochs for what in ("train loss", "val acc", "loss gate", "dead ReLUs")]
+    lines = [
+        "# Init scale: d2l's MLP from each init",
+        "",
+        f"Mean (± std) over seeds {summary['points'][0]['seeds']}; at init on {summary['probe_images']} train images: "
+        "the logits' std, the fraction of images whose top softmax probability exceeds 0.99 (saturated), and how "
+        f"far one SGD step at lr {summary['lr']} moves the logits (logit step, root mean square). Loss gate: the "
+        f"fraction of seeds with {summary['loss_gate']}. Precision {summary['precision']}, on {summary['machine']}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for point in summary["points"]:
+        start = point["at_init"]
+        cells = [point["label"], _g(start["loss"]), _g(start["logit_std"]), f"{start['saturated_fraction']:.1%}"]
+        cells.append(_g(start["logit_step"]))
+        for epoch in epochs:
+            figures = point["epochs"][str(epoch)]
+            cells += [_pm(figures, "train_loss"), _pm(figures, "validation_accuracy")]
+            cells += [f"{figures['loss_gate_pass_fraction']:.0%}", f"{figures['dead_relu_fraction_mean']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _pm(figures: dict, name: str) -> str:
+    mean, std = figures[f"{name}_mean"], figures[f"{name}_std"]
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
 def run_name(point: Point, seed: int) -> str:
     return f"init_scale {point.label} seed {seed}"
 
@@ -298,6 +335,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="directory with train.pt and validation.pt")
     parser.add_argument("--report", type=Path, required=True, help="JSON: per point, figures at each report epoch")
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the figures against init std")
+    parser.add_argument("--table", type=Path, required=True, help="Markdown: the figures per point")
     args = parser.parse_args()
     params = config.load(args.params)
     data = {split: load_split(args.data / f"{split}.pt") for split in ("train", "validation")}
@@ -368,7 +406,10 @@ def main() -> None:
         }
         draw(args.plot, summary["points"], study.report_epochs)
         mlflow.log_artifact(str(args.plot))
+        table = markdown(summary)
         mlflow.log_dict(summary, "init_scale.json")
+        mlflow.log_text(table, "init_scale.md")
+        write_text(args.table, table)
         write_json(args.report, summary)
 
 
