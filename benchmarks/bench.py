@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -516,7 +517,9 @@ def write_result(path: Path, result: dict, command: list[str]) -> None:
     from pipeline.devices import machine
 
     system = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    write_json(path, {**result, "machine": machine(), "system": system, "command": " ".join(command)})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    figures = {**result, "machine": machine(), "system": system, "command": " ".join(command), "commit": commit}
+    write_json(path, figures)
 
 
 @stage_entry

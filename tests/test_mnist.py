@@ -75,7 +75,7 @@ def test_mnist_pipeline_downloads_over_http_and_trains_each_loss(mnist_repo):
     for name in VARIANTS:
         model = json.loads((repo / f"lessons/mnist/models/{name}/seed-0.json").read_text())
         assert model["hidden"] == [512] and model["diverged"] is False
-        evaluation = json.loads((repo / f"lessons/mnist/results/{name}/eval.json").read_text())
+        evaluation = json.loads((repo / f"lessons/mnist/reports/evaluation/{name}.json").read_text())
         assert evaluation["test_accuracy_mean"] > 0.5, name  # the tiny digits are learnable with every loss
     table = (repo / "lessons/mnist/reports/compare.md").read_text()
     assert "loss=mse" in table and "loss=l1" in table

@@ -344,7 +344,7 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
     run_tool(["dvc", "repro", "prepare"], repo, env)
     outputs = [repo / "models/base", repo / "results/base/train.json", repo / "results/base/history.csv"]
     before = snapshot(outputs)
-    checkpoint = repo / "checkpoints/base/seed-0.pt"
+    checkpoint = repo / "checkpoints/base/batched.pt"  # the variant's seeds train together: one checkpoint
     kill_dvc_when(
         repo, env, "train@base", lambda: checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 2
     )
@@ -352,7 +352,7 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
     if before[outputs[1]] is None:  # never trained before: dvc sees the stage as not done
         assert "train@base:" in run_tool(["dvc", "status", "dvc.yaml"], repo, env).stdout.splitlines()
     resumed = run_tool(["dvc", "repro", "--force", "--single-item", "train@base"], repo, env).stdout
-    assert "resuming from checkpoints/base/seed-0.pt after epoch" in resumed
+    assert "resuming from checkpoints/base/batched.pt after epoch" in resumed
     assert not checkpoint.exists()  # removed once the stage succeeded
     reference = tmp_path / "reference"
     prepared = {
@@ -401,12 +401,12 @@ def test_kill_9_of_the_stage_mid_seed_then_dvc_repro_leaves_no_run_running(big_r
 
 def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_repo):
     repo, env = big_repo["repo"], big_repo["env"]
-    run_tool(["dvc", "repro", "evaluate@base"], repo, env)  # a locked train@base and its outputs to keep
+    run_tool(["dvc", "repro", "compare"], repo, env)  # a locked train@base and its outputs to keep
     outputs = [
         repo / "models/base",
         repo / "results/base/train.json",
         repo / "results/base/history.csv",
-        repo / "results/base/eval.json",
+        repo / "reports/evaluation/base.json",
     ]
     before, lock_before, started = snapshot(outputs), (repo / "dvc.lock").read_text(), time.time()
     original = (repo / "params.yaml").read_text()
@@ -414,7 +414,7 @@ def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_
     try:
         # A 600 kB file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
         result = subprocess.run(
-            ["dvc", "repro", "evaluate@base"],
+            ["dvc", "repro", "compare"],
             cwd=repo,
             env=env,
             capture_output=True,
@@ -425,8 +425,8 @@ def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_
     finally:
         (repo / "params.yaml").write_text(original)
     assert result.returncode != 0
-    assert "cannot write checkpoints/base/seed-5.pt" in result.stdout + result.stderr
-    assert "Running stage 'evaluate@base'" not in result.stdout
+    assert "cannot write checkpoints/base/batched.pt" in result.stdout + result.stderr
+    assert "Running stage 'compare'" not in result.stdout
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["train@base"] == yaml.safe_load(lock_before)["stages"]["train@base"]
     assert snapshot(outputs) == before  # nothing lost: the previous results are still in place

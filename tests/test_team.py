@@ -180,10 +180,11 @@ def test_start_is_idempotent_and_status_says_where_without_secrets(stack):
 
 def test_pipeline_logs_every_stage_with_artifacts_through_the_server(stack, project):
     stages = set(re.findall(r"Running stage '([^']+)'", project["output"]))
-    assert stages == {"download", "prepare", "train@base", "evaluate@base", "compare", "linreg", "spiral"}
+    assert stages == {"download", "prepare", "train@base", "compare", "init_scale", "linreg", "spiral"}
     with mlflow_as(stack, "member") as client:
         runs = {run.info.run_name: run for run in all_runs(client)}
-        # evaluate adds to its variant's train run; the lessons log to their own experiment; one nested seed run
+        # compare adds the test figures to the variant's train run; the lessons and the study log to their own
+        # experiments; one nested seed run
         assert set(runs) == {"download", "prepare", "train@base", "train@base seed 0", "compare"}
         for name, run in runs.items():
             assert run.info.status == "FINISHED", name
