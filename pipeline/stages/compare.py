@@ -205,8 +205,8 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: d
         "Mean ± std over the finite seeds (n of seeds); the choice uses train and validation figures only, the "
         "test split is reported, its 95% interval resampling seeds and test images.",
         "",
-        "| variant | differs from `train` | n | val acc | test acc (95% CI) | train loss | gates pass | epochs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | differs from `train` | n | val acc | test acc (95% CI) | train loss | gates pass | epochs | precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         trained, evaluated = row["train"]["aggregate"], row["eval"]
@@ -219,7 +219,8 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: d
         lines.append(
             f"| {label} | {changed} | {trained['finite_seeds']} of {len(row['train']['seeds'])} "
             f"| {_pm(trained['validation_accuracy_mean'], trained['validation_accuracy_std'])} | {test} "
-            f"| {_pm(trained['train_loss_mean'], trained['train_loss_std'])} | {_gates(row)} | {_epochs(row)} |"
+            f"| {_pm(trained['train_loss_mean'], trained['train_loss_std'])} | {_gates(row)} | {_epochs(row)} "
+            f"| {row['train'].get('precision', '-')} |"
         )
     lines += ["", *comparison_lines(result), "", *selection_lines(selection, registered), ""]
     lines += [
