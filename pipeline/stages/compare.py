@@ -205,7 +205,8 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: d
         "Mean ± std over the finite seeds (n of seeds); the choice uses train and validation figures only, the "
         "test split is reported, its 95% interval resampling seeds and test images.",
         "",
-        "| variant | differs from `train` | n | val acc | test acc (95% CI) | train loss | gates pass | epochs | precision |",
+        "| variant | differs from `train` | n | val acc | test acc (95% CI) | train loss | gates pass | epochs "
+        "| precision |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
