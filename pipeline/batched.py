@@ -125,6 +125,8 @@ def sgd_epoch(
         )
     count, low = len(labels), LOW[precision]
     inputs_all = images if images.dtype == low else as_inputs(images, precision)  # pass as_inputs' result: saves this
+    if _per_model(models.weights[0]) and low == torch.float32:
+        return _one_after_another(models, lr, inputs_all, labels, batch_size, generators)
     orders = torch.stack([torch.randperm(count, device=images.device, generator=g) for g in generators])
     shuffled_labels = labels[orders]  # [M, N], as fused.sgd_epoch gathers them, once per epoch
     step = _Step(models, low, batch_size)
@@ -153,31 +155,29 @@ def step_sums(values: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _per_model(tensor: torch.Tensor) -> bool:
-    """fp32 on a CPU: one sgemm per model beats MKL's batched fp32 GEMM (by ~15% on a 2-core EPYC, where it made
-    batched fp32 slower than one seed at a time); bf16 and GPUs gain from one bmm over all the models."""
+    """fp32 on a CPU: the models train one after another (fused.layers_epoch), each one's weights staying in cache
+    for its epoch. Batching buys nothing there: MKL's batched fp32 GEMM is no faster than one sgemm per model, and
+    interleaving the models made batched fp32 ~10% slower than one seed at a time on a 2-core EPYC."""
     return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
 
 
-def _baddbmm(bias: torch.Tensor | None, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """bias + first @ second for every model ([M, n, k] @ [M, k, m]; bias [M, 1, m] or None)."""
-    if not _per_model(first):
-        return torch.bmm(first, second) if bias is None else torch.baddbmm(bias, first, second)
-    out = first.new_empty(first.shape[0], first.shape[1], second.shape[2])
-    for index in range(len(first)):
-        if bias is None:
-            torch.mm(first[index], second[index], out=out[index])
-        else:
-            torch.addmm(bias[index], first[index], second[index], out=out[index])
-    return out
-
-
-def _baddbmm_(target: torch.Tensor, first: torch.Tensor, second: torch.Tensor, alpha: float) -> None:
-    """target += alpha * first @ second for every model, in place."""
-    if not _per_model(first):
-        target.baddbmm_(first, second, alpha=alpha)
-        return
-    for index in range(len(first)):
-        target[index].addmm_(first[index], second[index], alpha=alpha)
+def _one_after_another(
+    models: Stack, lr: float, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generators: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each model's epoch by fused.layers_epoch on views of the stack: the same orders, the same figures."""
+    results = [
+        fused.layers_epoch(
+            [(weight[index], bias[index]) for weight, bias in zip(models.weights, models.biases)],
+            lr,
+            images,
+            labels,
+            batch_size,
+            generator,
+        )
+        for index, generator in enumerate(generators)
+    ]
+    losses, correct = zip(*results)
+    return torch.stack(losses), torch.stack(correct)
 
 
 class _Step:
@@ -200,9 +200,9 @@ class _Step:
                 bias.copy_(master_bias)
         activations = [inputs]
         for weight, bias in self.layers[:-1]:
-            activations.append(_baddbmm(bias.unsqueeze(1), activations[-1], weight).relu_())
+            activations.append(torch.baddbmm(bias.unsqueeze(1), activations[-1], weight).relu_())
         weight, bias = self.layers[-1]
-        activations.append(_baddbmm(bias.unsqueeze(1), activations[-1], weight))
+        activations.append(torch.baddbmm(bias.unsqueeze(1), activations[-1], weight))
         return activations
 
     def backward(self, activations: list[torch.Tensor], grad: torch.Tensor, alpha: float) -> None:
@@ -210,7 +210,7 @@ class _Step:
         for layer in reversed(range(len(self.layers))):
             grad_low = grad.to(self.low)  # a no-op in fp32 and below the logits
             if layer > 0:  # with the weight as it was in the forward pass
-                grad_input = _baddbmm(None, grad_low, self.layers[layer][0].transpose(1, 2))
+                grad_input = torch.bmm(grad_low, self.layers[layer][0].transpose(1, 2))
             self.update(layer, activations[layer], grad, grad_low, alpha)
             if layer > 0:
                 grad = _relu_backward(grad_input, activations[layer], 0)
@@ -219,8 +219,8 @@ class _Step:
         """One layer's W += alpha * inputs.T @ grad and b += alpha * grad summed over the batch, on the masters."""
         weight, bias = self.models.weights[layer], self.models.biases[layer]
         if self.low == torch.float32:  # the GEMM that computes the gradient adds it, as fused.step does
-            _baddbmm_(weight, inputs.transpose(1, 2), grad, alpha)
-            _baddbmm_(bias.unsqueeze(1), self.ones[:, :, : grad.shape[1]], grad, alpha)
+            weight.baddbmm_(inputs.transpose(1, 2), grad, alpha=alpha)
+            bias.unsqueeze(1).baddbmm_(self.ones[:, :, : grad.shape[1]], grad, alpha=alpha)
         else:  # baddbmm_ needs one dtype: the bf16 gradient is made, then added to the fp32 master
             weight.add_(torch.bmm(inputs.transpose(1, 2), grad_low), alpha=alpha)
             bias.add_(grad.sum(1, dtype=torch.float32), alpha=alpha)

@@ -35,12 +35,18 @@ def applies(impl: str, activation: str, optimizer: str, loss: str) -> bool:
     return (impl, activation, optimizer, loss) == ("module", "relu", "sgd", "cross_entropy")
 
 
-@torch.no_grad()
 def sgd_epoch(
     model: nn.Module, lr: float, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass in random order (the same order as train.train_epoch); per-step summed losses and correct count."""
-    layers = relu_layers(model)
+    return layers_epoch(relu_layers(model), lr, images, labels, batch_size, generator)
+
+
+@torch.no_grad()
+def layers_epoch(
+    layers: list[Layer], lr: float, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sgd_epoch on the layers themselves ((weight [in, out], bias) views, updated in place)."""
     order = torch.randperm(len(labels), device=images.device, generator=generator)
     shuffled_labels = labels.index_select(0, order)
     targets = F.one_hot(shuffled_labels, layers[-1][0].shape[1]).to(images.dtype)
