@@ -230,7 +230,8 @@ class _Step:
 def evaluate(
     models: Stack, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 10000
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per model mean cross-entropy [M] and accuracy [M], in fp32; NaN for an empty split."""
+    """Per model mean cross-entropy [M] (fp32) and accuracy [M] (exact counts over N, float64), on the CPU;
+    NaN for an empty split."""
     loss = images.new_zeros(models.models, dtype=torch.float32)
     correct = torch.zeros_like(loss)
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
@@ -242,4 +243,5 @@ def evaluate(
                 logits = torch.addmm(bias[index], logits if layer == 0 else logits.relu(), weight[index])
             loss[index] += F.cross_entropy(logits, y, reduction="sum")
             correct[index] += (logits.argmax(1) == y).sum()
-    return loss / len(labels), correct / len(labels)
+    # On the CPU in float64 (MPS has none): an accuracy of 0.8836, not float32's 0.8835999965667725.
+    return (loss / len(labels)).cpu(), correct.cpu().double() / len(labels)
