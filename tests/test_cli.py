@@ -37,6 +37,7 @@ def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monke
     exec("import sys\ndef current_frame():\n    return sys._getframe()", store_module)
     timers = []
     monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
+    monkeypatch.setattr(sys, "settrace", lambda function: None)  # the timer's path alone (the trace: below)
     monkeypatch.setattr(cli, "_pending", [])
     cli._interrupt(signal.SIGTERM, store_module["current_frame"]())  # deferred: no exception
     assert cli._pending == [signal.SIGTERM] and timers == [cli.RETRY_S]
@@ -46,3 +47,20 @@ def test_a_signal_inside_the_store_waits_until_the_store_code_has_returned(monke
         cli._retry_pending(signal.SIGALRM, sys._getframe())  # back in our code: raised now
     assert cli._pending == []
     cli._retry_pending(signal.SIGALRM, sys._getframe())  # nothing pending: nothing happens
+
+
+def test_a_waiting_signal_is_delivered_at_the_first_line_its_callers_run(monkeypatch):
+    """The timer alone can starve when SQLite's C calls take nearly all the time: once the store code has
+    returned, the first line run by a frame below it delivers the signal."""
+    store_module = {"__name__": "sqlalchemy.engine.base"}
+    exec("import sys\ndef current_frame():\n    return sys._getframe()", store_module)
+    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: None)
+    monkeypatch.setattr(cli, "_pending", [])
+    called, store_frame = [], store_module["current_frame"]()  # a store frame whose caller is this test
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal SIGTERM"):
+            cli._interrupt(signal.SIGTERM, store_frame)  # deferred: the store frame's callers get a line tracer
+            called.append("never runs")  # this test's next line delivers it
+        assert called == [] and cli._pending == [] and sys.gettrace() is None
+    finally:
+        sys.settrace(None)
