@@ -265,3 +265,12 @@ def test_trainings_at_once_share_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with cpu.shared_threads() as chosen:
         assert chosen == torch.get_num_threads()
+
+
+def test_a_batched_checkpoint_is_resumed_only_by_the_same_seeds(data, tmp_path):
+    checkpoint = tmp_path / "batched.pt"
+    train.run_batched(params(epochs=1, seeds=(0, 1)), *data, checkpoint=checkpoint)
+    results = train.run_batched(params(epochs=1, seeds=(0, 1, 2)), *data, checkpoint=checkpoint)
+    assert [len(result.history) for result in results] == [1, 1, 1]  # trained afresh, not resumed
+    again = train.run_batched(params(epochs=1, seeds=(0, 1, 2)), *data, checkpoint=checkpoint)
+    assert [result.history for result in again] == [result.history for result in results]  # resumed: same

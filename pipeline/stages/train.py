@@ -194,7 +194,7 @@ def run_batched(
         result.initial_loss, result.precision = loss, precision
     shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in params.seeds]
     inputs = batched.as_inputs(train_images, precision)  # converted once, not every epoch
-    fingerprint = _fingerprint(params, -1, train_data, validation_data)
+    fingerprint = _fingerprint(params, list(params.seeds), train_data, validation_data)  # all the seeds
     start = resume_batched(checkpoint, fingerprint, group, shuffles, results)
     for epoch in range(start + 1, params.epochs + 1):
         started = time.perf_counter()
@@ -276,7 +276,7 @@ def resume_batched(path: Path | None, fingerprint: str, group: batched.Stack, sh
     return state["epoch"]
 
 
-def _fingerprint(params: config.TrainParams, seed: int, *splits: Split) -> str:
+def _fingerprint(params: config.TrainParams, seed: int | list[int], *splits: Split) -> str:
     """What a checkpoint must match to be resumed: the params, the seed, and the data's shape and a sample of it."""
     settings = {**dataclasses.asdict(params), "seeds": None, "seed": seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
