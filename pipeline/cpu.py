@@ -61,6 +61,8 @@ def cgroup_cpu_limit(proc_self: Path | None = None) -> float | None:
         return None
     limits = []
     for line in memberships:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one hierarchy, controllers listed in the cgroup's own files
             found, read = _cgroup_directory(mounts, "cgroup2", None, path), _v2_limit

@@ -84,7 +84,7 @@ def test_hybrid_takes_v1_cpu_when_the_unified_tree_has_no_cpu_controller(tmp_pat
     write(tmp_path / "cpu/cpu.cfs_period_us", "100000")
     (tmp_path / "unified").mkdir()
     mounts = [("/", str(tmp_path / "unified"), "cgroup2", "rw"), ("/", str(tmp_path / "cpu"), "cgroup", "rw,cpu")]
-    assert cpu.cgroup_cpu_limit(fake_proc(tmp_path, "1:cpu:/\n0::/\n", mounts)) == 1.0
+    assert cpu.cgroup_cpu_limit(fake_proc(tmp_path, "1:cpu:/\n0::/\nnot a cgroup line\n", mounts)) == 1.0
 
 
 def test_no_proc_files_is_none(tmp_path):
