@@ -184,7 +184,7 @@ def test_form_catches_comments_long_lines_undefined_references_and_a_long_readme
     root = project(
         tmp_path,
         {
-            "README.md": "line\n" * 170 + "[1][nowhere]\n",
+            "README.md": "```python\nrows[0][1]\n```\n" + "line\n" * 167 + "[1][nowhere]\n",
             "docs/commented.md": "<!-- a comment -->" + ("x" * 50 + "\n") * 6,  # 18 of 324 characters
             "docs/long.md": f"{prose[:161]}\n| {prose} |\n```sh\n{prose}\n```\n{prose[:160]}\n",
             "docs/fine.md": "<!-- a comment -->" + ("x" * 50 + "\n") * 7,  # 18 of 375

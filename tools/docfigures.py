@@ -390,7 +390,8 @@ def page_form(root: Path, page: Path, text: str) -> list[tuple[int, str]]:
         if len(line) > LINE_LIMIT:
             problems.append((number, f"a prose line of {len(line)} characters, at most {LINE_LIMIT}"))
     defined = definitions(root, page, text)
-    for match in REFERENCE.finditer(text):
+    outside_code = re.sub(r"(?ms)^```.*?^```", lambda block: re.sub(r"[^\n]", " ", block[0]), text)
+    for match in REFERENCE.finditer(outside_code):
         if _label(match["label"]) not in defined:
             line = text.count("\n", 0, match.start()) + 1
             problems.append((line, f"{match[0]} has no [{match['label']}]: definition"))
