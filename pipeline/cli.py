@@ -46,7 +46,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM for a short step that must not be cut short (a call into the MLflow store: an
     interrupt inside an SQLite transaction leaves the store locked); a signal that arrived meanwhile is raised,
-    as KeyboardInterrupt, when the outermost block ends. Only the main thread handles signals: elsewhere a no-op."""
+    as KeyboardInterrupt, when the outermost block ends (with stage_entry's handlers, whichever thread the kernel
+    hands the signal to). Only the main thread handles signals: elsewhere a no-op."""
     global _held
     if threading.current_thread() is not threading.main_thread():
         yield
