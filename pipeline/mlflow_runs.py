@@ -38,7 +38,7 @@ def log_training(args, params: config.Params, train_params: config.TrainParams, 
     from pipeline import tracking
 
     digest = md5(json_text(summary))
-    with tracking.stage_run("train", params.mlflow.experiment, variant=args.variant) as parent:
+    with tracking.logged_run("train", params.mlflow.experiment, variant=args.variant) as parent:
         mlflow.set_tag(RESULTS_TAG, digest)
         mlflow.log_params(
             {

@@ -103,8 +103,11 @@ def _psutil_started(pid: int) -> str | None:
 
 
 def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
-    """What an MLflow run needs to find the DVC experiment, code and stage that made it."""
+    """What an MLflow run needs to find the DVC experiment, code, environment and stage that made it."""
+    from pipeline.environment import run_tags
+
     tags = {"stage": stage, "git_commit": git_commit(), "git_dirty": str(code_dirty()).lower(), **owner_tags()}
+    tags.update(run_tags())  # the lock's digest and the versions of python, torch, mlflow and dvc
     if variant:
         tags["variant"] = variant
     if os.environ.get("DVC_EXP_NAME"):

@@ -359,7 +359,7 @@ def main() -> None:
 
     from pipeline import mlflow_runs, tracking
 
-    with tracking.stage_run("compare", params.mlflow.experiment):
+    with tracking.logged_run("compare", params.mlflow.experiment):
         import mlflow
 
         if selection["champion"] is not None:

@@ -191,7 +191,7 @@ def main() -> None:
     seconds = time.monotonic() - started
     from pipeline import tracking
 
-    with tracking.stage_run("download", params.mlflow.experiment):
+    with tracking.logged_run("download", params.mlflow.experiment):
         import mlflow
 
         mlflow.log_params(

@@ -49,7 +49,7 @@ def main() -> None:
 
     from pipeline import mlflow_runs, tracking
 
-    with tracking.stage_run("evaluate", params.mlflow.experiment, variant=args.variant):
+    with tracking.logged_run("evaluate", params.mlflow.experiment, variant=args.variant):
         import mlflow
 
         mlflow_runs.log_evaluation(args.variant, args.summary, report, names)

@@ -366,7 +366,7 @@ def log_runs(study, train_params, models, histories, summary: dict, table: str, 
 
     from pipeline import tracking
 
-    with tracking.stage_run("init_scale", study.experiment) as parent:
+    with tracking.logged_run("init_scale", study.experiment) as parent:
         mlflow.log_params(
             {
                 "points": len(points(study)),

@@ -131,7 +131,7 @@ def main() -> None:
     seconds = time.monotonic() - started
     from pipeline import tracking
 
-    with tracking.stage_run("prepare", params.mlflow.experiment):
+    with tracking.logged_run("prepare", params.mlflow.experiment):
         import mlflow
 
         mlflow.log_params(
