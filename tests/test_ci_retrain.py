@@ -289,9 +289,9 @@ def story(request, tmp_path_factory, tiny_dataset, recorder):
     recorder.requests.clear()
     record: dict = {"provider": provider, "origin": origin, "tmp": tmp}
 
-    def run_job(name: str, branch: str, **extra: str) -> dict:
-        """One job on a fresh checkout of `branch`; what it printed, sent and left."""
-        runner = checkout(origin, tmp / name, branch)
+    def run_job(name: str, branch: str, runner: Path | None = None, **extra: str) -> dict:
+        """One job on a fresh checkout of `branch` (or again in `runner`); what it printed, sent and left."""
+        runner = runner or checkout(origin, tmp / name, branch)
         summary, since = tmp / f"{name}-summary.md", len(recorder.calls)
         env = provider_env(provider, recorder.url, git(runner, "rev-parse", "HEAD"), summary, **extra)
         started = time.monotonic()
@@ -319,12 +319,15 @@ def story(request, tmp_path_factory, tiny_dataset, recorder):
     record["merged"] = run_job("push-merged", "main")
     feature = checkout(origin, tmp / "feature-branch", "main")
     git(feature, "switch", "-q", "-c", "feature")
-    edit_params(feature, lambda params: params["variants"]["scratch"].update(lr=0.05))
-    commit_all(feature, "scratch lr 0.05")
+    # A learning rate too small to learn in two epochs: metrics and the confusion plots change.
+    edit_params(feature, lambda params: params["variants"]["scratch"].update(lr=1e-4))
+    commit_all(feature, "scratch lr 1e-4")
     git(feature, "push", "-q", "origin", "feature")
     record["request"] = run_job("request", "feature", **request_env(provider, tmp))
-    record["request_again"] = run_job("request-again", "feature", **request_env(provider, tmp))
-    record["fork"] = run_job("fork", "feature", **request_env(provider, tmp, fork=True))
+    # The same job again on its runner (a re-run: nothing to retrain), then as if the request came from a fork.
+    again = record["request"]["runner"]
+    record["request_again"] = run_job("request-again", "feature", again, **request_env(provider, tmp))
+    record["fork"] = run_job("fork", "feature", again, **request_env(provider, tmp, fork=True))
     record["all_calls"] = recorder.calls[start:]
     return record
 
@@ -402,11 +405,13 @@ def test_a_request_gets_the_report_with_its_plots_as_one_comment_updated_in_plac
     body = created[0]["body"]["body"]
     assert body.startswith(MARKER) and "## Params changed" in body and "variants.scratch.lr" in body
     assert "| scratch |" in body and "| verdict |" in body
+    plots = body.split("## Plots")[1].split("## MLflow runs")[0]
+    assert "No plot changed." not in plots and ".ci-retrain/plots" not in body  # drawn, and no local path leaks
     if story["provider"] == "gitlab":  # uploaded and embedded
-        uploads = [call for call in first if call["path"].endswith("/uploads")]
-        assert uploads and "![train_loss.png](/uploads/0123abcd/train_loss.png)" in body
-    else:  # GitHub has no upload API for comments: a link to the run's artifact
-        assert "https://github.example/team/mlp/actions/runs/99" in body and "train_loss.png" in body
+        uploads = [call for call in first if call["path"] == "/api/v4/projects/42/uploads"]
+        assert uploads and plots.count("](/uploads/0123abcd/") == len(uploads)
+    else:  # GitHub has no upload API for comments: a link to the run, whose artifact holds the PNG files
+        assert "](https://github.example/team/mlp/actions/runs/99)" in plots and ".png" in plots
     updated = [call for call in again if "/comments" in call["path"] or "/notes" in call["path"]]
     assert [call["method"] for call in updated] == (["PATCH"] if story["provider"] == "github" else ["PUT"])
     assert updated[0]["path"].endswith("/1")
