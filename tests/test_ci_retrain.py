@@ -246,18 +246,25 @@ def remote_branches(origin: Path) -> dict[str, str]:
     return dict(line.split() for line in listed.splitlines())
 
 
-def registry(uri: str) -> dict[str, str | None]:
-    """Which version each alias points at in the registry."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+REGISTRY_QUERY = """
+import json, sys
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+client, aliases = MlflowClient(tracking_uri=sys.argv[1]), {}
+for alias in ("champion", "challenger"):
+    try:
+        aliases[alias] = client.get_model_version_by_alias(sys.argv[2], alias).version
+    except MlflowException:
+        aliases[alias] = None
+print(json.dumps(aliases))
+"""
 
-    client, aliases = MlflowClient(tracking_uri=uri), {}
-    for alias in ("champion", "challenger"):
-        try:
-            aliases[alias] = client.get_model_version_by_alias(MODEL, alias).version
-        except MlflowException:
-            aliases[alias] = None
-    return aliases
+
+def registry(uri: str) -> dict[str, str | None]:
+    """Which version each alias points at, read by a fresh process as another user would read it (a client in
+    the test process once missed the alias the job had just set; the cause was not found)."""
+    result = run_tool([sys.executable, "-c", REGISTRY_QUERY, uri, MODEL], REPO)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def new_calls(recorder: Recorder, since: int) -> list[dict]:
