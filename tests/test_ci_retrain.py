@@ -441,6 +441,50 @@ def test_the_job_leaves_no_file_of_its_own_for_git(story):
         assert ".ci-retrain" not in status, status
 
 
+# Set-up from the lock ---------------------------------------------------------------------------------------------
+
+
+def ci_retrain_module():
+    """bin/ci-retrain as a module (it has no .py suffix), for its pure functions."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("ci_retrain", str(REPO / "bin/ci-retrain"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("ci_retrain", loader))
+    loader.exec_module(module)
+    return module
+
+
+MARKERS = "; sys_platform == 'linux' \\"
+LOCK_SAMPLE = f"""# Generated: do not edit
+numpy==2.3.0 {MARKERS}
+    --hash=sha256:aaaa \\
+    --hash=sha256:bbbb
+    # via torch
+torch==2.14.1 {MARKERS}
+    --hash=sha256:cccc
+nvidia-cublas==13.1.1.3 {MARKERS}
+    --hash=sha256:dddd
+cuda-bindings==13.0.1 ; python_full_version < '3.14' \\
+    --hash=sha256:eeee
+cuda-bindings==13.0.1 ; python_full_version >= '3.14' \\
+    --hash=sha256:ffff
+triton==3.5.0 {MARKERS}
+    --hash=sha256:0000
+torchvision==0.29.1 {MARKERS}
+    --hash=sha256:1111
+"""
+
+
+def test_off_a_gpu_the_lock_loses_cuda_torch_and_its_libraries_and_keeps_its_hashes():
+    module = ci_retrain_module()
+    kept, pins = module.cpu_lock(module.lock_entries(LOCK_SAMPLE))
+    assert pins == ["torch==2.14.1", "torchvision==0.29.1"]
+    assert "numpy==2.3.0" in kept and "--hash=sha256:aaaa" in kept and "--hash=sha256:bbbb" in kept
+    for gone in ("torch==", "torchvision", "nvidia", "cuda-bindings", "triton", "cccc", "1111"):
+        assert gone not in kept, gone
+
+
 # Bad input --------------------------------------------------------------------------------------------------------
 
 
