@@ -283,12 +283,12 @@ def register(name: str, row: dict, registered_model: str, chosen_because: str | 
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import model_card, tracking
+    from pipeline import model_card, promotion, tracking
 
     trained = row["train"]
     model_uri, run_id = row["model_uri"], row["run_id"]
     _check_artifacts(model_uri)
-    allowed, why = tracking.promotable()
+    allowed, why = promotion.promotable()
     alias = tracking.CHAMPION_ALIAS if allowed else tracking.CHALLENGER_ALIAS
     client = MlflowClient()
     version = _existing_version(client, registered_model, alias, run_id)
