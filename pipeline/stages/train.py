@@ -329,6 +329,7 @@ def main() -> None:
         results = run(train_params, train_data, validation_data, checkpoint, report)
     for result in results:
         print_divergence(result)
+    print(f"trained {len(results)} seeds in {sum(result.seconds for result in results):.2f} s")  # MLflow keeps it too
     summary = summarize(args.variant, train_params, results)
     save_models(args.models, train_params, results)  # first: a full disk fails here, with our message
     write_text(args.history, history_csv(results))
