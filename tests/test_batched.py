@@ -13,6 +13,8 @@ from tests.conftest import make_split
 
 SEEDS = (0, 1, 2)
 CPU = torch.device("cpu")
+# The trainer's path is the same on every device; on a machine with a GPU the reference tests run there too.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +47,27 @@ def reference_steps(model, images, labels, orders, batch_size, optimizer="sgd", 
     return torch.tensor(losses)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("models", [1, 5])
-def test_the_fp32_step_matches_autograd_on_each_model_alone_after_20_steps(data, models, optimizer="sgd"):
-    """The path every device runs, forced here on a CPU: 20 steps (four epochs of five batches) per model."""
+def test_the_fp32_step_matches_autograd_on_each_model_alone_after_20_steps(data, models, device, optimizer="sgd"):
+    """The one path every device runs, on a CPU on every machine: 20 steps (four epochs of five batches)."""
+    device = torch.device(device)
     (images, labels), _ = data
-    images, labels = images[:500], labels[:500]
+    images, labels = images[:500].to(device), labels[:500].to(device)
     seeds = list(range(models))
-    stacked = batched.stack([build(seed) for seed in seeds], CPU)
+    stacked = batched.stack([build(seed) for seed in seeds], device)
     step = batched.optimizer(optimizer, stacked, 0.1 if optimizer == "sgd" else 0.01)
-    shuffles = [torch.Generator().manual_seed(seed) for seed in seeds]
-    references = [build(seed) for seed in seeds]
-    orders_shuffles = [torch.Generator().manual_seed(seed) for seed in seeds]
+    shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    references = [build(seed).to(device) for seed in seeds]
+    orders_shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     for _ in range(4):
         losses, _ = batched.train_epoch(stacked, step, images, labels, 100, shuffles)
         for index, reference in enumerate(references):
-            order = torch.randperm(len(labels), generator=orders_shuffles[index])
+            order = torch.randperm(len(labels), generator=orders_shuffles[index], device=device)
             lr = 0.1 if optimizer == "sgd" else 0.01
             expected = reference_steps(reference, images, labels, order, 100, optimizer, lr)
-            torch.testing.assert_close(losses[index], expected, rtol=1e-5, atol=1e-4)
-    trained = [build(seed + 100) for seed in seeds]
+            torch.testing.assert_close(losses[index].cpu(), expected, rtol=1e-5, atol=1e-4)
+    trained = [build(seed + 100).to(device) for seed in seeds]
     batched.unstack(stacked, trained)
     for model, reference in zip(trained, references):
         for mine, theirs in zip(parameters(model), parameters(reference)):
@@ -125,13 +129,15 @@ def test_other_activations_train_as_their_module_does(data, activation):
     torch.testing.assert_close(losses[0], expected, rtol=1e-5, atol=1e-4)
 
 
-def test_bf16_epochs_stay_close_to_fp32_and_really_run_in_bf16(data):
-    (images, labels), validation = data
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_epochs_stay_close_to_fp32_and_really_run_in_bf16(data, device):
+    device = torch.device(device)
+    (images, labels), validation = ((x.to(device), y.to(device)) for x, y in data)
     results = {}
     for precision in ("fp32", "bf16"):
-        stacked = batched.stack([build(seed) for seed in SEEDS], CPU)
+        stacked = batched.stack([build(seed) for seed in SEEDS], device)
         step = batched.optimizer("sgd", stacked, 0.1)
-        shuffles = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+        shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in SEEDS]
         losses, correct = batched.train_epoch(stacked, step, images, labels, 100, shuffles, precision=precision)
         results[precision] = (losses, correct, batched.evaluate(stacked, *validation), stacked)
     fp32_losses, fp32_correct, fp32_eval, fp32_stack = results["fp32"]
