@@ -94,8 +94,8 @@ def judged(
     return {
         "difference_mean": mean,
         "standard_error": standard_error,
-        "interval": list(difference) if difference else None,
-        "confidence": difference_confidence,
+        "difference_interval": list(difference) if difference else None,
+        "difference_confidence": difference_confidence,
         "equivalence_interval": list(equivalence) if equivalence else None,
         "equivalence_confidence": equivalence_confidence,
         "verdict": verdict(difference, equivalence, margin),

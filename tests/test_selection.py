@@ -80,7 +80,9 @@ def test_verdicts_come_from_two_one_sided_tests_against_the_margin_with_bonferro
     error = statistics.stdev(differences) / math.sqrt(3)
     mean = statistics.fmean(differences)
     # better/worse read the 95% interval (alpha 0.05, one comparison), TOST at alpha each side the 90% one.
-    assert close["interval"] == pytest.approx([mean - T_TABLE[(2, 0.975)] * error, mean + T_TABLE[(2, 0.975)] * error])
+    assert close["difference_interval"] == pytest.approx(
+        [mean - T_TABLE[(2, 0.975)] * error, mean + T_TABLE[(2, 0.975)] * error]
+    )
     narrow = T_TABLE[(2, 0.95)] * error
     assert close["equivalence_interval"] == pytest.approx([mean - narrow, mean + narrow])
     assert close["verdict"] == "equivalent" and close["seeds"] == ["0", "1", "2"]
@@ -88,8 +90,13 @@ def test_verdicts_come_from_two_one_sided_tests_against_the_margin_with_bonferro
     corrected = stats.paired_comparison(
         {"0": 0.861, "1": 0.852, "2": 0.870}, {"0": 0.860, "1": 0.851, "2": 0.871}, 0.005, comparisons=6
     )
-    assert corrected["interval"][1] - corrected["interval"][0] > close["interval"][1] - close["interval"][0]
-    assert (corrected["confidence"], corrected["equivalence_confidence"]) == pytest.approx((1 - 0.05 / 6, 1 - 0.1 / 6))
+    assert (
+        corrected["difference_interval"][1] - corrected["difference_interval"][0]
+        > close["difference_interval"][1] - close["difference_interval"][0]
+    )
+    assert (corrected["difference_confidence"], corrected["equivalence_confidence"]) == pytest.approx(
+        (1 - 0.05 / 6, 1 - 0.1 / 6)
+    )
     noisy = stats.paired_comparison({"0": 0.86, "1": 0.84, "2": 0.87}, {"0": 0.85, "1": 0.85, "2": 0.85}, 0.005)
     assert noisy["verdict"] == "inconclusive"  # not "equivalent": failing to find a difference is no equivalence
     better = stats.paired_comparison({"0": 0.86, "1": 0.87, "2": 0.865}, {"0": 0.80, "1": 0.80, "2": 0.81}, 0.005)
@@ -238,7 +245,7 @@ def test_every_pair_is_judged_on_the_same_image_draws_at_the_stated_levels():
         ("b", "c", "better"),
     ]
     assert comparisons[0]["difference_mean"] == pytest.approx(-0.001)
-    assert (comparisons[0]["confidence"], comparisons[0]["equivalence_confidence"]) == pytest.approx(
+    assert (comparisons[0]["difference_confidence"], comparisons[0]["equivalence_confidence"]) == pytest.approx(
         (1 - 0.05 / 3, 1 - 0.1 / 3)
     )
     assert comparisons == compare.compare_pairs(rows, settings)  # the bootstrap's seed is fixed

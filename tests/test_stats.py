@@ -26,9 +26,9 @@ def test_better_reads_the_one_minus_alpha_over_m_interval_and_equivalent_the_one
 ):
     result = stats.judged(0.01, 0.002, seeds=5, margin=0.05, comparisons=comparisons, alpha=alpha)
     wide, narrow = T_TABLE[(4, difference_quantile)] * 0.002, T_TABLE[(4, equivalence_quantile)] * 0.002
-    assert result["interval"] == pytest.approx([0.01 - wide, 0.01 + wide], abs=1e-7)
+    assert result["difference_interval"] == pytest.approx([0.01 - wide, 0.01 + wide], abs=1e-7)
     assert result["equivalence_interval"] == pytest.approx([0.01 - narrow, 0.01 + narrow], abs=1e-7)
-    assert result["confidence"] == pytest.approx(1 - alpha / comparisons)
+    assert result["difference_confidence"] == pytest.approx(1 - alpha / comparisons)
     assert result["equivalence_confidence"] == pytest.approx(1 - 2 * alpha / comparisons)
 
 
@@ -36,7 +36,7 @@ def test_a_difference_outside_the_one_minus_alpha_interval_only_is_not_called_be
     # 90% interval 0.01 +- 0.0085 excludes 0, the 95% one (0.01 +- 0.0111) does not: a one-sided test at alpha
     # each way would make "better or worse" a test at 2 alpha.
     result = stats.judged(0.01, 0.004, seeds=5, margin=0.005, comparisons=1, alpha=0.05)
-    assert result["equivalence_interval"][0] > 0 > result["interval"][0]
+    assert result["equivalence_interval"][0] > 0 > result["difference_interval"][0]
     assert result["verdict"] == "inconclusive"
     assert stats.judged(0.02, 0.004, 5, 0.005, 1, 0.05)["verdict"] == "better"
     assert stats.judged(-0.02, 0.004, 5, 0.005, 1, 0.05)["verdict"] == "worse"
@@ -92,7 +92,7 @@ def test_no_common_seed_or_one_seed_gives_no_interval():
     results = stats.paired_bootstrap_comparisons(
         {"a": one, "b": {"1": one["0"]}, "c": one}, [("a", "b"), ("a", "c")], 0.1, 0.05, 100
     )
-    assert [(result["seeds"], result["interval"], result["verdict"]) for result in results] == [
+    assert [(result["seeds"], result["difference_interval"], result["verdict"]) for result in results] == [
         ([], None, "inconclusive"),
         (["0"], None, "inconclusive"),
     ]

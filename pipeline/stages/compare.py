@@ -249,7 +249,7 @@ def comparison_lines(result: dict) -> list[str]:
     if not result["comparisons"]:
         return ["Pairwise: one variant, nothing to compare."]
     first = result["comparisons"][0]
-    wide, narrow = f"{first['confidence']:.2%}", f"{first['equivalence_confidence']:.2%}"
+    wide, narrow = f"{first['difference_confidence']:.2%}", f"{first['equivalence_confidence']:.2%}"
     lines = [
         f"Pairwise, validation accuracy (a - b), paired by seed and image; {result['correction']} at a family-wise "
         f"error rate of at most {result['alpha']}. better/worse: the {wide} interval excludes 0; equivalent: the "
@@ -263,7 +263,7 @@ def comparison_lines(result: dict) -> list[str]:
         difference = comparison["difference_mean"]
         lines.append(
             f"| {comparison['a']} | {comparison['b']} | {'-' if difference is None else f'{difference:+.4f}'} "
-            f"| {_span(comparison['interval'])} | {_span(comparison['equivalence_interval'])} "
+            f"| {_span(comparison['difference_interval'])} | {_span(comparison['equivalence_interval'])} "
             f"| {comparison['verdict']} |"
         )
     return lines
