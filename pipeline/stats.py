@@ -127,7 +127,8 @@ def paired_bootstrap_comparisons(
     of seeds and images with replacement, the same seed and image indices for both variants (every pair shares
     the image draws), times sqrt(S / (S - 1)) so that it is the seeds' own s / sqrt(S) when the images add no
     spread. The draws count the seed x image interaction more than once (Owen, 2007), so the standard error
-    errs wide and the error rates above stay upper bounds."""
+    errs wide and the error rates above are bounds, up to the t approximation and the bootstrap's own noise
+    (about 1 / sqrt(2 resamples) of the standard error: 1.6% at 2,000)."""
     differences = [paired_differences(correct[first], correct[second]) for first, second in pairs]
     resampled = [matrix for _, matrix in differences if matrix.shape[0] >= 2 and matrix.shape[1]]
     variances = iter(bootstrap_variances(resampled, resamples))
