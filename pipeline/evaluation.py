@@ -5,6 +5,9 @@ d2l's train_ch3 asserts train loss < 0.5 and train and test accuracy > 0.7 and d
 when they fail (as unscaled init does); here each gate is reported as pass or fail per seed, with the fraction
 of seeds that pass it. The test gate is reported only: the choice (compare.select) reads the train gates and
 validation figures. The test accuracy's interval resamples both the seeds and the test images.
+
+The same models also go over the validation split once, to record which validation images each seed got right
+(`validation_correct`, packed bits): compare's verdicts resample those images as well as the seeds.
 """
 
 from __future__ import annotations
@@ -71,23 +74,36 @@ def seed_report(train_figures: dict, result: dict | None, thresholds: config.Eva
     }
 
 
-def evaluate_variant(
-    variant: str, trained: dict, models: Path, test: tuple[torch.Tensor, torch.Tensor], settings: dict
-) -> dict:
-    """Every finite seed's model on the test split (all as one stack), then the variant's summary."""
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def evaluate_variant(variant: str, trained: dict, models: Path, test: Split, validation: Split, settings: dict) -> dict:
+    """Every finite seed's model on the test and validation splits (all as one stack), then the variant's summary."""
     images, labels = test
     finite = [seed for seed, figures in trained["per_seed"].items() if not figures["diverged"]]
     results: dict[str, dict | None] = dict.fromkeys(trained["per_seed"])
+    validation_correct: dict[str, str] = {}
     if finite:
         stacked = batched.stack([mlp.load(models / f"seed-{seed}.pt") for seed in finite], torch.device("cpu"))
         results.update(zip(finite, run(stacked, images, labels, mlp.OUTPUTS, settings["loss"])))
+        validation_correct = dict(zip(finite, packed_correct(stacked, *validation, settings["loss"])))
     thresholds = settings["thresholds"]
     per_seed = {seed: seed_report(trained["per_seed"][seed], result, thresholds) for seed, result in results.items()}
     correct = [result["correct"].tolist() for result in results.values() if result is not None]
     report = summarize(variant, trained, per_seed, stats.bootstrap_accuracy_interval(correct, settings["bootstrap"]))
     model_seed = trained.get("model_seed")
     report["confusion"] = results[str(model_seed)]["confusion"] if model_seed is not None else None
+    report["validation_images"] = len(validation[1])
+    report["validation_correct"] = validation_correct
     return report
+
+
+def packed_correct(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, loss: str) -> list[str]:
+    """Per model, which images of the split it got right, as `stats.pack_bits` hex (an empty split: "")."""
+    if len(labels) == 0:
+        return [""] * models.models
+    predictions = batched.evaluate(models, images, labels, loss).predictions
+    return [stats.pack_bits(row == labels) for row in predictions]
 
 
 def summarize(variant: str, trained: dict, per_seed: dict[str, dict], interval: list[float] | None) -> dict:

@@ -1,12 +1,17 @@
 """Stage `compare`: every pairwise verdict between the variants, and the champion.
 
 Built from the files train and evaluate wrote (one record per fact). Every pair of variants gets a verdict on
-validation accuracy, paired by seed: better, worse, equivalent (two one-sided tests against compare.margin) or
-inconclusive, Bonferroni-corrected over all pairs (pipeline/stats.py). The choice reads train and validation
-figures only: among the variants whose every seed passes the train gates, the best mean validation accuracy
-wins, and where other variants are equivalent to it, compare.prefer picks among them. The test gate and test
-accuracy are reported, never used to choose. Only a run of committed code outside DVC experiments moves the
-alias `champion`; any other registers its pick under `challenger` (the registry and the run say which).
+validation accuracy, paired by seed and by image: better or worse (the 1 - alpha/m interval excludes 0),
+equivalent (two one-sided tests at alpha/m against compare.margin: the 1 - 2 alpha/m interval lies inside it) or
+inconclusive, with m the number of pairs (Bonferroni), so the chance of any wrong verdict is at most
+compare.alpha. The intervals' standard error comes from a paired bootstrap (compare.bootstrap resamples, a fixed
+seed) over the seeds and the validation images that evaluate recorded (pipeline/stats.py).
+
+The choice reads train and validation figures only: among the variants whose every seed passes the train gates,
+the best mean validation accuracy wins, and where other variants are equivalent to it, compare.prefer picks
+among them. The test gate and test accuracy are reported, never used to choose. Only a run of committed code
+outside DVC experiments moves the alias `champion`; any other registers its pick under `challenger` (the registry
+and the run say which).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import csv
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import cli, config, stats
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, read_json, write_json, write_png, write_text
+
+if TYPE_CHECKING:
+    import torch
 
 
 def collect(params: config.Params, results: Path, evaluations: Path) -> dict[str, dict]:
@@ -28,13 +37,46 @@ def collect(params: config.Params, results: Path, evaluations: Path) -> dict[str
     rows = {}
     for name, variant in params.variants.items():
         changed = {key: value for key, value in dataclasses.asdict(variant).items() if defaults[key] != value}
+        evaluated = read_json(evaluations / f"{name}.json")
         rows[name] = {
             "train": read_json(results / name / "train.json"),
             "history": read_history(results / name / "history.csv"),
-            "eval": read_json(evaluations / f"{name}.json"),
+            "eval": evaluated,
+            "validation_correct": validation_correctness(evaluated, evaluations / f"{name}.json", name),
             "changed": changed,
         }
+    _same_validation_images(rows, evaluations)
     return rows
+
+
+def validation_correctness(evaluated: dict, path: Path, variant: str) -> dict[str, torch.Tensor]:
+    """seed -> which validation images that seed's model got right, from the packed bits evaluate wrote."""
+    rerun = f"rerun: dvc repro -f -s evaluate@{variant}"
+    if not isinstance(evaluated.get("validation_correct"), dict) or not isinstance(
+        evaluated.get("validation_images"), int
+    ):
+        raise PipelineError(
+            f"{path}: no validation_correct and validation_images (an older evaluate wrote it); {rerun}"
+        )
+    try:
+        return {
+            seed: stats.unpack_bits(bits, evaluated["validation_images"])
+            for seed, bits in evaluated["validation_correct"].items()
+        }
+    except (TypeError, ValueError) as error:
+        raise PipelineError(
+            f"{path}: validation_correct is not packed bits of its validation_images ({error}); {rerun}"
+        ) from None
+
+
+def _same_validation_images(rows: dict[str, dict], evaluations: Path) -> None:
+    """Pairs are compared image by image, so every variant must have been evaluated on the same validation split."""
+    counts = {name: row["eval"]["validation_images"] for name, row in rows.items()}
+    if len(set(counts.values())) > 1:
+        raise PipelineError(
+            f"{evaluations}: validation_images differ between variants ({counts}); "
+            "rerun every evaluate on the same prepared data: dvc repro -f evaluate"
+        )
 
 
 def read_history(path: Path) -> list[dict]:
@@ -57,19 +99,12 @@ def validation_accuracies(row: dict) -> dict[str, float]:
 
 
 def compare_pairs(rows: dict[str, dict], settings: config.CompareParams) -> list[dict]:
-    """Every pair (in params order), first minus second in validation accuracy, paired by seed, Bonferroni over all."""
+    """Every pair (in params order), first minus second in validation accuracy, paired by seed and image, by
+    stats.paired_bootstrap_comparisons with m = the number of pairs, so the family-wise error rate is alpha."""
     pairs = list(itertools.combinations(rows, 2))
-    comparisons = []
-    for first, second in pairs:
-        result = stats.paired_comparison(
-            validation_accuracies(rows[first]),
-            validation_accuracies(rows[second]),
-            settings.margin,
-            comparisons=len(pairs),
-            alpha=settings.alpha,
-        )
-        comparisons.append({"a": first, "b": second, **result})
-    return comparisons
+    correct = {name: row["validation_correct"] for name, row in rows.items()}
+    results = stats.paired_bootstrap_comparisons(correct, pairs, settings.margin, settings.alpha, settings.bootstrap)
+    return [{"a": first, "b": second, **result} for (first, second), result in zip(pairs, results)]
 
 
 def verdict_between(comparisons: list[dict], first: str, second: str) -> str:
@@ -144,6 +179,12 @@ def summary(rows: dict[str, dict], selection: dict, comparisons: list[dict], set
         "margin": settings.margin,
         "alpha": settings.alpha,
         "correction": f"Bonferroni over {len(comparisons)} comparisons",
+        "family_wise_error_rate": f"at most {settings.alpha}",
+        "bootstrap": {
+            "resamples": settings.bootstrap,
+            "seed": stats.BOOTSTRAP_SEED,
+            "resampled": "seeds and validation images, the same draws for both variants of a pair",
+        },
         "comparisons": comparisons,
         "variants": variants,
     }
@@ -204,24 +245,32 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, curves: str) 
 
 
 def comparison_lines(result: dict) -> list[str]:
-    confidence = result["comparisons"][0]["confidence"] if result["comparisons"] else None
+    """The pairwise table, headed by what its two intervals are and the error rate they keep."""
+    if not result["comparisons"]:
+        return ["Pairwise: one variant, nothing to compare."]
+    first = result["comparisons"][0]
+    wide, narrow = f"{first['difference_confidence']:.2%}", f"{first['equivalence_confidence']:.2%}"
     lines = [
-        f"Pairwise, validation accuracy (a - b), paired by seed; equivalent within ±{result['margin']} by two "
-        f"one-sided tests; {result['correction']}"
-        + (f", so each interval is a {confidence:.2%} t interval." if confidence else "."),
+        f"Pairwise, validation accuracy (a - b), paired by seed and image; {result['correction']} at a family-wise "
+        f"error rate of at most {result['alpha']}. better/worse: the {wide} interval excludes 0; equivalent: the "
+        f"{narrow} interval lies within ±{result['margin']} (two one-sided tests). Student t on the seeds, with a "
+        f"standard error from {result['bootstrap']['resamples']} bootstrap resamples of seeds and validation images.",
         "",
-        "| a | b | difference | interval | verdict |",
-        "|---|---|---|---|---|",
+        f"| a | b | difference | {wide} interval | {narrow} interval | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for comparison in result["comparisons"]:
-        interval = comparison["interval"]
-        span = f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "-"
         difference = comparison["difference_mean"]
         lines.append(
             f"| {comparison['a']} | {comparison['b']} | {'-' if difference is None else f'{difference:+.4f}'} "
-            f"| {span} | {comparison['verdict']} |"
+            f"| {_span(comparison['difference_interval'])} | {_span(comparison['equivalence_interval'])} "
+            f"| {comparison['verdict']} |"
         )
     return lines
+
+
+def _span(interval: list[float] | None) -> str:
+    return f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "-"
 
 
 def selection_lines(selection: dict) -> list[str]:

@@ -3,6 +3,7 @@
 Per seed: test loss and accuracy, per-class accuracy, d2l's gates (pipeline/evaluation.py); for the variant:
 the means over its finite seeds, the gates' pass fractions, and a 95% interval for the test accuracy that
 resamples seeds and test images. The served seed's confusion matrix is drawn, and its rows go to `dvc plots`.
+Which validation images each seed got right is stored as packed bits, for compare's paired bootstrap.
 The figures are logged onto the training's MLflow runs, found by the MD5 of the train.json they made.
 """
 
@@ -16,14 +17,15 @@ from pipeline.files import read_json, write_json
 from pipeline.tensors import load_split
 
 
-def run(params: config.Params, variant: str, summary: Path, models: Path, test: Path) -> dict:
+def run(params: config.Params, variant: str, summary: Path, models: Path, test: Path, validation: Path) -> dict:
     """The variant's evaluation report (see evaluation.evaluate_variant)."""
     settings = {
         "loss": params.variant(variant).loss,
         "thresholds": params.evaluate,
         "bootstrap": params.compare.bootstrap,
     }
-    return evaluation.evaluate_variant(variant, read_json(summary), models, load_split(test), settings)
+    splits = load_split(test), load_split(validation)
+    return evaluation.evaluate_variant(variant, read_json(summary), models, *splits, settings)
 
 
 @stage_entry
@@ -33,12 +35,13 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True, help="the variant's train.json")
     parser.add_argument("--models", type=Path, required=True, help="directory of seed-<s>.pt")
     parser.add_argument("--test", type=Path, required=True, help="the prepared test split (test.pt)")
+    parser.add_argument("--validation", type=Path, required=True, help="the prepared validation split (validation.pt)")
     parser.add_argument("--report", type=Path, required=True, help="JSON: per seed and for the variant")
     parser.add_argument("--confusion", type=Path, required=True, help="JSON rows {actual, predicted} for dvc plots")
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the served seed's confusion matrix")
     args = parser.parse_args()
     params = config.load(args.params)
-    report = run(params, args.variant, args.summary, args.models, args.test)
+    report = run(params, args.variant, args.summary, args.models, args.test, args.validation)
     from pipeline.datasets import class_names
 
     names = class_names(params.data.dataset)
