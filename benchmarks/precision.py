@@ -96,7 +96,7 @@ def table(result: dict) -> str:
     for seed in result["seeds"]:
         fp32, bf16 = (result["validation_accuracy"][name][seed] for name in ("fp32", "bf16"))
         lines.append(f"{seed:>6s} {fp32:8.4f} {bf16:8.4f} {bf16 - fp32:+10.4f}")
-    low, high = result["interval"]
+    low, high = result["equivalence_interval"]
     lines.append(
         f"mean difference {result['difference_mean']:+.4f}, 90% interval [{low:+.4f}, {high:+.4f}] against "
         f"+-{result['margin']}: {result['verdict']}; training {result['train_seconds']} s "

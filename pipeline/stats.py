@@ -26,19 +26,13 @@ import statistics
 
 import torch
 
+from pipeline.spread import mean_and_std  # noqa: F401 - the summaries' spread, read here by evaluation
+
 CONFIDENCE = 0.95
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 BOOTSTRAP_SEED = 0  # every bootstrap draws from this seed: the same params give the same bytes
 BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first image in the highest bit
 CHUNK = 250  # resamples drawn at once: 250 x images counts keeps memory small
-
-
-def mean_and_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the values present (std 0.0 for one value; None, None for none)."""
-    present = [value for value in values if value is not None]
-    if not present:
-        return None, None
-    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
 
 
 def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:

@@ -28,7 +28,7 @@ from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
 from pipeline.files import atomic_dir, write_json, write_text
-from pipeline.stats import mean_and_std
+from pipeline.spread import mean_and_std
 from pipeline.tensors import load_split
 
 CHECKPOINT = "checkpoint.pt"  # one resumable state for all the seeds of a variant
