@@ -12,7 +12,9 @@ MLflow store: they return figures, and the caller, which owns lineage, logs them
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,7 @@ def _connect(ray: Any, address: str) -> None:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         raise PipelineError(f"ray_address {address!r}: no Ray cluster answers at {host}:{port} ({error})") from None
+    handlers = _signal_handlers()
     try:
         ray.init(
             address=f"{host}:{port}",
@@ -120,6 +123,16 @@ def _connect(ray: Any, address: str) -> None:
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise PipelineError(f"ray_address {address!r}: cannot join the Ray cluster: {first_line(error)}") from None
+    finally:  # ray.init makes SIGTERM a bare sys.exit; the stage's own handler ends its MLflow runs as KILLED
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _signal_handlers() -> dict:
+    """SIGINT's and SIGTERM's handlers now (none to keep outside the main thread, where they cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _host_port(ray: Any, address: str) -> tuple[str, int]:

@@ -120,10 +120,15 @@ class RayCluster:
         return alive
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL for what is left, to this cluster's processes only; remove its temp dirs."""
-        if self.kill(sig=signal.SIGTERM, wait_s=TERM_GRACE_S):
-            self.kill(sig=signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+        """SIGTERM, then SIGKILL for what is left, to this cluster's processes only; remove its temp dirs.
+        SIGINT and SIGTERM to this process wait until it is done: a second Ctrl-C must not leave the cluster up."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if self.kill(sig=signal.SIGTERM, wait_s=TERM_GRACE_S):
+                self.kill(sig=signal.SIGKILL)
+            shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def start_cluster() -> RayCluster:

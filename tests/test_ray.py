@@ -8,6 +8,7 @@ conftest's imports) importable on the workers.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -181,15 +182,20 @@ def test_chunks_run_on_both_nodes_with_the_local_figures(cluster):
     nodes = two_nodes(cluster)
     chunks, shared = [(0, 1), (2, 3), (4, 5), (6, 7)], shared_data()
     reported = []
-    remote = run_chunks(
-        train_chunk,
-        chunks,
-        shared,
-        ExecutorParams(executor="ray", ray_address=cluster.address, num_cpus=1),
-        on_result=lambda index, result: reported.append(index),
-    )
+    stage_handler = lambda signum, frame: None  # a stage's SIGTERM handler (cli.stage_entry sets one)
+    previous = signal.signal(signal.SIGTERM, stage_handler)
+    try:
+        remote = run_chunks(
+            train_chunk,
+            chunks,
+            shared,
+            ExecutorParams(executor="ray", ray_address=cluster.address, num_cpus=1),
+            on_result=lambda index, result: reported.append((index, signal.getsignal(signal.SIGTERM))),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert {result.node for result in remote} == set(nodes.values())
-    assert sorted(reported) == [0, 1, 2, 3]
+    assert sorted(reported, key=lambda pair: pair[0]) == [(index, stage_handler) for index in range(4)]
     assert_same_figures(run_local_one_thread(chunks, shared), remote)
 
 
