@@ -108,7 +108,7 @@ def _import_ray() -> Any:
 
 def _connect(ray: Any, address: str) -> None:
     """ray.init on the existing cluster at `address`, after a bounded check that it answers at all."""
-    host, port = _host_port(ray, address)
+    host, port = _host_port(address)
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
@@ -135,7 +135,7 @@ def _signal_handlers() -> dict:
     return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _host_port(ray: Any, address: str) -> tuple[str, int]:
+def _host_port(address: str) -> tuple[str, int]:
     """host:port as given, or for "auto" what ray.init itself would resolve (RAY_ADDRESS, then this machine's)."""
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address_or_die

@@ -154,6 +154,14 @@ def test_ray_not_installed_is_one_line(monkeypatch):
         run_chunks(train_chunk, [(0,)], shared_data(), ExecutorParams(executor="ray", ray_address="127.0.0.1:1"))
 
 
+@pytest.mark.ray
+def test_auto_takes_ray_address_from_the_environment(monkeypatch):
+    port = free_port()  # closed again: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(PipelineError, match=rf"^ray_address 'auto': no Ray cluster answers at \S+:{port} "):
+        run_chunks(train_chunk, [(0,)], shared_data(), ExecutorParams(executor="ray"))
+
+
 # A stage's view of an unreachable cluster: its main() under stage_entry, in a fresh process.
 UNREACHABLE = """
 from pipeline.cli import stage_entry
