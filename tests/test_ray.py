@@ -247,3 +247,16 @@ def test_killing_the_worker_node_mid_run_loses_no_chunk(cluster, tmp_path):
     assert started_on_worker, "no chunk started on the worker node"
     assert {index for index in started_on_worker if remote[index].node == nodes["head"]}, "nothing was retried"
     assert_same_figures(run_local_one_thread(chunks, {**shared, "started": ""}), remote)
+
+
+@pytest.mark.ray
+def test_the_scale_out_benchmark_runs_on_a_given_cluster(cluster):
+    from benchmarks import scale_out
+
+    two_nodes(cluster)
+    result = scale_out.run(2, 1, 1, 512, 1, cluster.address, None)
+    assert set(result["seconds"]) == {"local", "ray"} and all(len(times) == 1 for times in result["seconds"].values())
+    assert result["ratio_ray_vs_local"] == pytest.approx(
+        result["models_per_s"]["ray"] / result["models_per_s"]["local"], rel=0.01
+    )
+    assert result["cluster"] == cluster.address
