@@ -257,6 +257,6 @@ def test_the_scale_out_benchmark_runs_on_a_given_cluster(cluster):
     result = scale_out.run(2, 1, 1, 512, 1, cluster.address, None)
     assert set(result["seconds"]) == {"local", "ray"} and all(len(times) == 1 for times in result["seconds"].values())
     assert result["ratio_ray_vs_local"] == pytest.approx(
-        result["models_per_s"]["ray"] / result["models_per_s"]["local"], rel=0.01
-    )
+        result["models_per_s"]["ray"] / result["models_per_s"]["local"], rel=0.01, abs=0.001
+    )  # both kept to 3 decimals
     assert result["cluster"] == cluster.address
