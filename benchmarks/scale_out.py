@@ -41,13 +41,14 @@ LR, BATCH, INIT_STD = 0.1, 256, 0.01  # d2l's
 
 
 def train_chunk(seeds: tuple[int, ...], shared: dict) -> list[list[float]]:
-    """The timed call: d2l's MLPs for these seeds trained together by the batched trainer in fp32; per model its
-    mean training loss per epoch. Point this at the trainer's chunk function when that API changes."""
+    """The timed call: d2l's MLPs for these seeds trained together by the batched trainer (plain SGD, fp32); per
+    model its mean training loss per epoch. Point this at the trainer's chunk function when there is one."""
     images, labels, epochs = shared["images"], shared["labels"], shared["epochs"]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     models = [mlp.build("module", HIDDEN, "relu", INIT_STD, generator) for generator in generators]
     stack = batched.stack(models, torch.device("cpu"))
-    losses = [batched.sgd_epoch(stack, LR, images, labels, BATCH, generators, "fp32")[0] for _ in range(epochs)]
+    step = batched.optimizer("sgd", stack, LR)
+    losses = [batched.train_epoch(stack, step, images, labels, BATCH, generators)[0] for _ in range(epochs)]
     return (torch.stack([loss.sum(1) for loss in losses], 1) / len(labels)).tolist()
 
 
