@@ -3,7 +3,8 @@ and its one-line errors.
 
 The training function the tasks run lives here and reaches the workers pickled by value (cloudpickle's
 register_pickle_by_value): the way a user's own script function travels, without making tests/ (and its
-conftest's imports) importable on the workers.
+conftest's imports) importable on the workers. The cluster tests are marked `ray` and `integration`, as
+tests/test_team.py's are `team` and `integration`, so the fast tier leaves them out.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def test_ray_not_installed_is_one_line(monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_auto_takes_ray_address_from_the_environment(monkeypatch):
     port = free_port()  # closed again: nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
@@ -171,6 +173,7 @@ stage_entry(lambda: run_chunks(max, [1, 2], 0, ExecutorParams(executor="ray", ra
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_an_unreachable_address_is_one_error_line_in_seconds(tmp_path):
     port = free_port()  # closed again: nothing listens there
     code = textwrap.dedent(UNREACHABLE.format(port=port))
@@ -186,6 +189,7 @@ def test_an_unreachable_address_is_one_error_line_in_seconds(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_chunks_run_on_both_nodes_with_the_local_figures(cluster):
     nodes = two_nodes(cluster)
     chunks, shared = [(0, 1), (2, 3), (4, 5), (6, 7)], shared_data()
@@ -208,6 +212,7 @@ def test_chunks_run_on_both_nodes_with_the_local_figures(cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_a_chunk_that_fails_for_good_is_one_line_naming_it(cluster):
     two_nodes(cluster)
     settings = ExecutorParams(executor="ray", ray_address=cluster.address, max_retries=1)
@@ -218,6 +223,7 @@ def test_a_chunk_that_fails_for_good_is_one_line_naming_it(cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_killing_the_worker_node_mid_run_loses_no_chunk(cluster, tmp_path):
     nodes = two_nodes(cluster)
     started = tmp_path / "started"
@@ -250,6 +256,7 @@ def test_killing_the_worker_node_mid_run_loses_no_chunk(cluster, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.integration
 def test_the_scale_out_benchmark_runs_on_a_given_cluster(cluster):
     from benchmarks import scale_out
 
