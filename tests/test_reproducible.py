@@ -34,9 +34,9 @@ def test_editing_tracking_or_the_store_reruns_no_training_or_evaluation(tmp_path
     for module in ("tracking.py", "store.py", "cli.py", "mlflow_runs.py"):
         with open(repo / "pipeline" / module, "a") as file:
             file.write("\n# an edit that changes no figure\n")
-    status = run_tool(["dvc", "status", "compare"], repo, env).stdout
+    status = run_tool(["dvc", "status", "--with-deps", "compare"], repo, env).stdout
     assert "up to date" in status, status
     with open(repo / "pipeline" / "batched.py", "a") as file:
         file.write("\n# an edit of the trainer\n")
-    status = run_tool(["dvc", "status", "compare"], repo, env).stdout
+    status = run_tool(["dvc", "status", "--with-deps", "compare"], repo, env).stdout
     assert "train@base" in status and "evaluate@base" in status, status
