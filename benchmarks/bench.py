@@ -38,7 +38,6 @@ from pipeline.cli import stage_entry
 from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
-from pipeline.losses import LOSSES
 from pipeline.stages import prepare, train
 
 EPOCHS = {"quick": 5, "full": 10}  # timed
@@ -166,24 +165,18 @@ def our_epoch(
     test_data: tuple[torch.Tensor, torch.Tensor],
     seed: int,
 ) -> tuple[Callable[[], float], nn.Module]:
-    """The stage's epoch, exactly the calls train.run makes; returns it and the model."""
-    torch.manual_seed(seed)  # model, optimizer and shuffle built as train.run builds them
-    net = mlp.build(
-        params.impl, params.hidden, params.activation, params.init_std, torch.Generator().manual_seed(seed)
-    ).to(device)
-    optimizer = train.make_optimizer(params, net)
-    shuffle = torch.Generator(device=device).manual_seed(seed)
+    """The stage's epoch for one seed, exactly the calls train.run makes (the trainer with M = 1); it and the model."""
+    one = dataclasses.replace(params, seeds=(seed,))
+    net = train.initial_model(one, seed, device)
+    group = train.Group(one, [net], device)
+    shuffles = [torch.Generator(device=device).manual_seed(seed)]
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
     test_images, test_labels = (tensor.to(device) for tensor in test_data)
 
-    loss_function = LOSSES[params.loss]
-
     def epoch() -> float:
-        step_losses, correct = train.train_epoch(
-            net, optimizer, train_images, train_labels, params.batch_size, shuffle, loss_function, params.lr
-        )
-        step_losses.tolist(), correct.item()
-        return train.evaluate(net, test_images, test_labels, loss_function=loss_function)[1]
+        step_losses, correct = group.epoch(train_images, train_labels, shuffles)
+        step_losses.tolist(), correct.tolist()
+        return batched.evaluate(group.weights(), test_images, test_labels, params.loss).accuracy[0].item()
 
     return epoch, net
 
@@ -220,22 +213,8 @@ def gemm_epoch(
 def single_train_epoch(
     params: config.TrainParams, device: torch.device, train_data: tuple[torch.Tensor, torch.Tensor], seed: int
 ) -> Callable[[], None]:
-    """One model's training epoch alone (no evaluation), as train.run trains one seed today."""
-    torch.manual_seed(seed)
-    net = mlp.build(
-        params.impl, params.hidden, params.activation, params.init_std, torch.Generator().manual_seed(seed)
-    ).to(device)
-    optimizer = train.make_optimizer(params, net)
-    shuffle = torch.Generator(device=device).manual_seed(seed)
-    images, labels = train_data
-
-    def epoch() -> None:
-        step_losses, correct = train.train_epoch(
-            net, optimizer, images, labels, params.batch_size, shuffle, LOSSES[params.loss], params.lr
-        )
-        step_losses.tolist(), correct.item()
-
-    return epoch
+    """One model's training epoch alone (no evaluation), in fp32."""
+    return batched_train_epoch(params, device, train_data, [seed], "fp32")[0]
 
 
 def batched_train_epoch(
@@ -251,17 +230,17 @@ def batched_train_epoch(
         for seed in seeds
     ]
     stacked = batched.stack(models, device)
+    step = batched.optimizer("sgd", stacked, params.lr)
     images, labels = train_data
-    inputs = batched.as_inputs(images, precision)  # once per training run, not per epoch
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
     def epoch() -> None:
-        losses, correct = batched.sgd_epoch(
-            stacked, params.lr, inputs, labels, params.batch_size, generators, precision
+        losses, correct = batched.train_epoch(
+            stacked, step, images, labels, params.batch_size, generators, precision=precision
         )
         losses.tolist(), correct.tolist()
 
-    return epoch, stacked, inputs
+    return epoch, stacked, images.to(torch.bfloat16) if precision == "bf16" else images
 
 
 def batched_gemm_epoch(stacked: batched.Stack, batch_size: int, inputs: torch.Tensor) -> Callable[[], None]:
@@ -403,8 +382,7 @@ def run(
         first_seed = params.seeds[0]
         ours, net = our_epoch(params, device, train_data, test_data, first_seed)
         # The floor: the same steps with hidden width 1, so the GEMMs cost ~nothing and what is left is the
-        # per-step price of eager PyTorch (dispatch; autograd and the optimizer where fused.py does not
-        # apply) plus the batch gather.
+        # per-step price of eager PyTorch (dispatch, autograd and the optimizer) plus the batch gather.
         width_one = dataclasses.replace(params, hidden=(1,) * len(params.hidden))
         floor, _ = our_epoch(width_one, device, train_data, test_data, first_seed)
         root = torchvision_root(raw_dir, temp)
@@ -449,7 +427,6 @@ def run(
         "d2l_workers": workers,
         "data": source,
         "load_average_at_start": load_at_start,
-        "precision_auto": batched.resolve_precision("auto", device),
     }
 
 

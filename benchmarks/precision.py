@@ -41,11 +41,14 @@ def train_together(
         for seed in seeds
     ]
     stacked = batched.stack(models, device)
-    inputs, labels = batched.as_inputs(train_data[0].to(device), precision), train_data[1].to(device)
+    step = batched.optimizer("sgd", stacked, params.lr)
+    images, labels = train_data[0].to(device), train_data[1].to(device)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     for _ in range(params.epochs):
-        losses, _ = batched.sgd_epoch(stacked, params.lr, inputs, labels, params.batch_size, generators, precision)
+        losses, _ = batched.train_epoch(
+            stacked, step, images, labels, params.batch_size, generators, precision=precision
+        )
     losses = losses.cpu()  # the one sync: waits for the last epoch
     return stacked, losses, time.perf_counter() - started
 
@@ -57,7 +60,8 @@ def run(params: config.TrainParams, seeds: list[int], train_data: Split, validat
     accuracy, loss, seconds, finite = {}, {}, {}, {}
     for precision in ("fp32", "bf16"):
         stacked, losses, seconds[precision] = train_together(params, seeds, precision, train_data, device)
-        losses_per_model, accuracies = (values.tolist() for values in batched.evaluate(stacked, *validation))
+        figures = batched.evaluate(stacked, *validation)
+        losses_per_model, accuracies = figures.loss.tolist(), figures.accuracy.tolist()
         accuracy[precision] = {str(seed): value for seed, value in zip(seeds, accuracies)}
         loss[precision] = {str(seed): value for seed, value in zip(seeds, losses_per_model)}
         finite[precision] = bool(torch.isfinite(losses).all())
@@ -92,7 +96,7 @@ def table(result: dict) -> str:
     for seed in result["seeds"]:
         fp32, bf16 = (result["validation_accuracy"][name][seed] for name in ("fp32", "bf16"))
         lines.append(f"{seed:>6s} {fp32:8.4f} {bf16:8.4f} {bf16 - fp32:+10.4f}")
-    low, high = result["interval"]
+    low, high = result["equivalence_interval"]
     lines.append(
         f"mean difference {result['difference_mean']:+.4f}, 90% interval [{low:+.4f}, {high:+.4f}] against "
         f"+-{result['margin']}: {result['verdict']}; training {result['train_seconds']} s "

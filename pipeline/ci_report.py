@@ -69,14 +69,27 @@ def _table_or(table: str, nothing: str) -> str:
 
 
 def champion_line(summary: dict) -> str:
-    """Which variant was chosen, and what was registered under which alias."""
-    registered = summary.get("registered")
-    if not registered:
-        return "Champion: **none**"
-    return (
-        f"Champion: **{summary['champion']}** (registered as `{registered['name']}` version {registered['version']}, "
-        f"seed {registered['seed']}, alias `{registered['alias']}`: {registered['why']})"
-    )
+    """Which variant was chosen (compare's run in MLflow says what it registered, under which alias)."""
+    if not summary.get("champion"):
+        return f"Champion: **none** ({summary.get('selection', {}).get('reason', 'no variant chosen')})"
+    return f"Champion: **{summary['champion']}** ({summary.get('selection', {}).get('reason', '')})"
+
+
+def training_run_ids(results: Path, variants) -> dict[str, str]:
+    """variant -> the MLflow run that made its train.json (found by the MD5 tag), where the store has one."""
+    import mlflow
+
+    from pipeline import mlflow_runs, tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    found = {}
+    for name in variants:
+        try:
+            run, _ = mlflow_runs.training_runs(name, results / name / "train.json")
+        except Exception:  # noqa: BLE001 - the report goes on without the store
+            run = None
+        found[name] = run.info.run_id if run else "-"
+    return found
 
 
 def comparison_tables(report_path: Path) -> str:
@@ -281,9 +294,9 @@ def build(
     if plots is not None:
         lines += ["## Plots", "", plots_section(base, plots), ""]
     lines += ["## MLflow runs", "", "| variant | run id |", "|---|---|"]
-    for name in summary["variants"]:
-        lines.append(f"| {name} | `{read_json(results / name / 'train.json')['mlflow_run_id']}` |")
-    lines += [f"| compare | `{summary.get('mlflow_run_id')}` |", ""]
+    for name, run_id in training_run_ids(results, summary["variants"]).items():
+        lines.append(f"| {name} | `{run_id}` |")
+    lines.append("")
     return "\n".join(lines), problems
 
 

@@ -1,20 +1,28 @@
-"""What every stage's main() shares: its command line, and an entry wrapper that turns errors and signals into exits."""
+"""What every stage's main() shares: its command line, and an entry wrapper that turns errors, signals and running
+out of memory into one line and an exit status."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import re
 import signal
 import sys
-from collections.abc import Callable
+import sysconfig
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import TypeVar
 
 from pipeline.errors import PipelineError
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
+HELD = {signal.SIGINT, signal.SIGTERM}  # what signals_held() keeps waiting; SIGKILL cannot be held by anyone
+_held = 0  # how many signals_held() blocks the main thread is in
+_pending: list[int] = []  # signals that arrived while held, delivered when the outermost block ends
 
 
 def stage_parser(doc: str, params: Path = DEFAULT_PARAMS) -> argparse.ArgumentParser:
@@ -24,86 +32,111 @@ def stage_parser(doc: str, params: Path = DEFAULT_PARAMS) -> argparse.ArgumentPa
     return parser
 
 
-# Python code that a signal must not cut short: an interrupt inside an SQLAlchemy transaction leaves the
-# SQLite store locked, and ending the MLflow run as KILLED then fails with "database is locked".
-UNINTERRUPTIBLE = ("sqlalchemy", "mlflow.store", "alembic")
-RETRY_S = 0.02
-_pending: list[int] = []  # a signal that arrived inside such code, delivered once it has returned
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt, but never inside UNINTERRUPTIBLE code: there the signal
-    waits until the store code has returned to its caller (a line tracer on the frames below it, set only
-    while it waits), checked again every RETRY_S seconds (SIGALRM) as well."""
-    if _inside(frame, UNINTERRUPTIBLE):
-        _pending[:] = [signum]
-        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
-        _trace_callers(frame)
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so open MLflow runs end KILLED and temporary files go; inside
+    signals_held() they wait. (The mask keeps the main thread from taking them, but the kernel may hand a
+    signal to another thread, torch's or MLflow's; Python then runs this handler in the main thread anyway.)"""
+    if _held:
+        _pending.append(signum)
         return
-    _deliver(signum)
-
-
-def _deliver(signum: int) -> None:
-    _pending.clear()
-    sys.settrace(None)
-    signal.setitimer(signal.ITIMER_REAL, 0)  # a retry still due would otherwise end the process by SIGALRM
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def _trace_callers(frame: FrameType) -> None:
-    """Give every frame below the outermost store frame a line tracer: the first line one of them runs, the
-    store code has returned, and the signal is delivered there. The timer alone can starve: its handler runs
-    right after a C call returns, and when SQLite's C calls take nearly all the time that is nearly always
-    inside SQLAlchemy (a test waited 60 s so under load)."""
-    stack = []
-    while frame is not None:
-        stack.append(frame)
-        frame = frame.f_back
-    outermost = max(index for index, each in enumerate(stack) if _inside_module(each, UNINTERRUPTIBLE))
-    sys.settrace(_untraced)  # line tracers run only while some trace function is set
-    for caller in stack[outermost + 1 :]:
-        caller.f_trace = _deliver_at_line
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a short step that must not be cut short (a call into the MLflow store: an
+    interrupt inside an SQLite transaction leaves the store locked); a signal that arrived meanwhile is raised,
+    as KeyboardInterrupt, when the outermost block ends (with stage_entry's handlers, whichever thread the kernel
+    hands the signal to). Only the main thread handles signals: elsewhere a no-op."""
+    global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held += 1  # first: a signal handled from here on waits
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a blocked signal is handled now, and waits
+        _held -= 1
+        if not _held and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def _untraced(frame: FrameType, event: str, arg: object) -> None:
-    return None  # frames started while a signal waits are not traced
+def interrupt_pending() -> bool:
+    """Whether SIGINT or SIGTERM arrived during signals_held() and waits for its end (a run then ends KILLED)."""
+    return bool(_pending) or bool(HELD & signal.sigpending())
 
 
-def _deliver_at_line(frame: FrameType, event: str, arg: object):
-    if event == "line" and _pending:
-        _deliver(_pending[0])
-    return _deliver_at_line
+# How the allocators say they ran out: torch's CPU allocator ("can't allocate memory: you tried to allocate N
+# bytes"), CUDA and MPS ("out of memory. Tried to allocate 20.00 MiB"), NumPy ("Unable to allocate 1.2 GiB").
+OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+AMOUNT = re.compile(r"allocate (\d+ bytes|[\d.]+ ?[KMGTP]i?B)", re.IGNORECASE)
 
 
-def _retry_pending(signum: int, frame: FrameType | None) -> None:
-    if _pending:
-        _interrupt(_pending[0], frame)
+def out_of_memory(error: BaseException) -> bool:
+    """MemoryError, or torch's RuntimeError (OutOfMemoryError included) for an allocation that failed."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error)) is not None
 
 
-def _inside(frame: FrameType | None, modules: tuple[str, ...]) -> bool:
-    while frame is not None:
-        if _inside_module(frame, modules):
-            return True
-        frame = frame.f_back
-    return False
+def out_of_memory_line(stage: str, error: BaseException) -> str:
+    """One line for a stage that could not get memory: the stage, the code that was allocating, and how much."""
+    where = _allocating_frame(error.__traceback__)
+    found = AMOUNT.search(str(error))
+    amount = found.group(1) if found else "an unknown amount"
+    if found and found.group(1).endswith(" bytes"):
+        amount = f"{int(found.group(1).split()[0]):,} bytes"
+    return f"{stage}: out of memory in {where}: tried to allocate {amount}"
 
 
-def _inside_module(frame: FrameType, modules: tuple[str, ...]) -> bool:
-    name = frame.f_globals.get("__name__", "")
-    return any(name == module or name.startswith(module + ".") for module in modules)
+def _allocating_frame(traceback: TracebackType | None) -> str:
+    """`file:line in function` of the innermost frame of our own code (not the standard library, not an installed
+    package) where the allocation failed; the innermost frame when none is ours."""
+    paths = sysconfig.get_paths()
+    library = {Path(paths[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    frames, own = [], []
+    while traceback is not None:
+        frames.append(traceback)
+        file = Path(traceback.tb_frame.f_code.co_filename).resolve()
+        if file.is_file() and not any(file.is_relative_to(path) for path in library):
+            own.append(traceback)
+        traceback = traceback.tb_next
+    if not frames:
+        return "an unknown place"
+    chosen = (own or frames)[-1]
+    return f"{_short(chosen.tb_frame.f_code.co_filename)}:{chosen.tb_lineno} in {chosen.tb_frame.f_code.co_name}"
+
+
+def _short(file: str) -> str:
+    """A path relative to the working directory when it lies under it (pipeline/stages/prepare.py)."""
+    path = Path(file).resolve()
+    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else file
+
+
+def stage_name(main: Callable[..., object]) -> str:
+    """The stage a main() belongs to: `prepare` for pipeline.stages.prepare, also when run as `python -m`."""
+    module = sys.modules.get(main.__module__)
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None else main.__module__
+    if name == "__main__":
+        name = Path(sys.argv[0]).stem or "__main__"
+    return name.rsplit(".", 1)[-1]
 
 
 def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
-    """Wrap a stage's main(): PipelineError -> one line on stderr and exit 2; SIGTERM acts like Ctrl-C, and
-    neither cuts an MLflow store call short (see _interrupt)."""
+    """Wrap a stage's main(): PipelineError or running out of memory -> one line on stderr and exit 2; SIGINT and
+    SIGTERM -> KeyboardInterrupt (held during signals_held()), one line and exit 130."""
 
     @functools.wraps(main)
     def wrapper() -> T:
         # SIGTERM (what `kill` and CI cancellations send) must unwind like SIGINT, so that
         # open MLflow runs are ended as KILLED and temporary files are removed.
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in HELD:
             signal.signal(signum, _interrupt)
-        signal.signal(signal.SIGALRM, _retry_pending)
         try:
             return main()
         except PipelineError as error:
@@ -112,5 +145,10 @@ def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
         except KeyboardInterrupt as interrupt:
             print(f"interrupted: {interrupt or 'SIGINT'}", file=sys.stderr)
             raise SystemExit(130) from None
+        except (MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            print(f"error: {out_of_memory_line(stage_name(main), error)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     return wrapper

@@ -89,8 +89,8 @@ class TrainParams:
     epochs: Count
     seeds: Seeds
     device: Literal["auto", "cpu", "cuda", "mps"]
-    # bf16 matrix multiplies (fp32 weights, update, loss) for the batched SGD step; auto: where the hardware has bf16
-    precision: Literal["auto", "fp32", "bf16"]
+    # the matrix multiplies' precision (bf16: fp32 weights, update and loss kept), the same on every machine
+    precision: Literal["fp32", "bf16"]
 
 
 @params_class
@@ -118,6 +118,7 @@ class InitScaleParams:
     epochs: Count
     report_epochs: Annotated[tuple[Count, ...], Field(min_length=1), AfterValidator(distinct)]
     probe: Count
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @params_class

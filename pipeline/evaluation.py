@@ -1,47 +1,47 @@
 """The test split, read once per trained model to report: loss, accuracy, per-class accuracy, confusion matrix,
-and d2l's quality gates, for each seed of a variant. The compare stage calls it for the variants that changed.
+and d2l's quality gates, for each seed of a variant (the evaluate stage's work).
 
 d2l's train_ch3 asserts train loss < 0.5 and train and test accuracy > 0.7 and dies with an AssertionError
 when they fail (as unscaled init does); here each gate is reported as pass or fail per seed, with the fraction
 of seeds that pass it. The test gate is reported only: the choice (compare.select) reads the train gates and
 validation figures. The test accuracy's interval resamples both the seeds and the test images.
+
+The same models also go over the validation split once, to record which validation images each seed got right
+(`validation_correct`, packed bits): compare's verdicts resample those images as well as the seeds.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from pipeline import config, stats
+from pipeline import batched, config, stats
 from pipeline import model as mlp
 from pipeline.files import pyplot, write_png
-from pipeline.losses import LOSSES
 
 TRAIN_GATES = ("train_loss", "train_accuracy")  # what the choice may read; test_accuracy is reported only
-VERSION = 2  # bump when what an evaluation writes changes: older cached evaluations are then redone
 
 
-@torch.inference_mode()
-def run(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: int, loss: str = "cross_entropy") -> dict:
-    """Test loss, accuracy, the confusion matrix (rows: actual, columns: predicted), per-class accuracy, and
-    which images were right (for the bootstrap; not written out)."""
-    net.eval()
-    logits = net(images)
-    predicted = logits.argmax(1)
-    confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-    rows = confusion.tolist()
-    right = predicted == labels
-    return {
-        "test_loss": LOSSES[loss](logits, labels).item(),
-        "test_accuracy": right.sum().item() / len(labels),
-        "per_class_accuracy": [row[index] / max(sum(row), 1) for index, row in enumerate(rows)],
-        "confusion": rows,
-        "correct": right,
-    }
+def run(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, classes: int, loss: str) -> list[dict]:
+    """Per model: test loss, accuracy, the confusion matrix (rows: actual, columns: predicted), per-class
+    accuracy, and which images were right (for the bootstrap; not written out)."""
+    figures = batched.evaluate(models, images, labels, loss)
+    reports = []
+    for index in range(models.models):
+        predicted = figures.predictions[index]
+        confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, -1)
+        rows = confusion.tolist()
+        reports.append(
+            {
+                "test_loss": figures.loss[index].item(),
+                "test_accuracy": figures.accuracy[index].item(),
+                "per_class_accuracy": [row[actual] / max(sum(row), 1) for actual, row in enumerate(rows)],
+                "confusion": rows,
+                "correct": predicted == labels,
+            }
+        )
+    return reports
 
 
 def gates(train_metrics: dict, test_accuracy: float | None, thresholds: config.EvaluateParams) -> dict:
@@ -74,24 +74,36 @@ def seed_report(train_figures: dict, result: dict | None, thresholds: config.Eva
     }
 
 
-def evaluate_variant(
-    variant: str, trained: dict, models: Path, test: tuple[torch.Tensor, torch.Tensor], settings: dict
-) -> dict:
-    """Every seed's model on the test split, then the variant's summary (see `summarize`)."""
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def evaluate_variant(variant: str, trained: dict, models: Path, test: Split, validation: Split, settings: dict) -> dict:
+    """Every finite seed's model on the test and validation splits (all as one stack), then the variant's summary."""
     images, labels = test
-    per_seed, results = {}, {}
-    for seed, figures in trained["per_seed"].items():
-        result = (
-            None
-            if figures["diverged"]
-            else run(mlp.load(models / f"seed-{seed}.pt"), images, labels, mlp.OUTPUTS, settings["loss"])
-        )
-        per_seed[seed], results[seed] = seed_report(figures, result, settings["thresholds"]), result
+    finite = [seed for seed, figures in trained["per_seed"].items() if not figures["diverged"]]
+    results: dict[str, dict | None] = dict.fromkeys(trained["per_seed"])
+    validation_correct: dict[str, str] = {}
+    if finite:
+        stacked = batched.stack([mlp.load(models / f"seed-{seed}.pt") for seed in finite], torch.device("cpu"))
+        results.update(zip(finite, run(stacked, images, labels, mlp.OUTPUTS, settings["loss"])))
+        validation_correct = dict(zip(finite, packed_correct(stacked, *validation, settings["loss"])))
+    thresholds = settings["thresholds"]
+    per_seed = {seed: seed_report(trained["per_seed"][seed], result, thresholds) for seed, result in results.items()}
     correct = [result["correct"].tolist() for result in results.values() if result is not None]
     report = summarize(variant, trained, per_seed, stats.bootstrap_accuracy_interval(correct, settings["bootstrap"]))
-    model_seed = trained.get("mlflow_model_seed")
+    model_seed = trained.get("model_seed")
     report["confusion"] = results[str(model_seed)]["confusion"] if model_seed is not None else None
+    report["validation_images"] = len(validation[1])
+    report["validation_correct"] = validation_correct
     return report
+
+
+def packed_correct(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, loss: str) -> list[str]:
+    """Per model, which images of the split it got right, as `stats.pack_bits` hex (an empty split: "")."""
+    if len(labels) == 0:
+        return [""] * models.models
+    predictions = batched.evaluate(models, images, labels, loss).predictions
+    return [stats.pack_bits(row == labels) for row in predictions]
 
 
 def summarize(variant: str, trained: dict, per_seed: dict[str, dict], interval: list[float] | None) -> dict:
@@ -99,7 +111,7 @@ def summarize(variant: str, trained: dict, per_seed: dict[str, dict], interval: 
     accuracies = [seed["test_accuracy"] for seed in per_seed.values() if seed["test_accuracy"] is not None]
     accuracy_mean, accuracy_std = stats.mean_and_std(accuracies)
     loss_mean, loss_std = stats.mean_and_std([seed["test_loss"] for seed in per_seed.values()])
-    model_seed = trained.get("mlflow_model_seed")
+    model_seed = trained.get("model_seed")
     return {
         "variant": variant,
         "seeds": trained["seeds"],
@@ -121,58 +133,6 @@ def summarize(variant: str, trained: dict, per_seed: dict[str, dict], interval: 
         "model_seed_test_accuracy": per_seed[str(model_seed)]["test_accuracy"] if model_seed is not None else None,
         "per_seed": per_seed,
     }
-
-
-def cache_key(train_summary: Path, models: Path, test_file: Path, settings: dict) -> str:
-    """What an evaluation depends on: the training's summary and models, the test data, the settings, this code."""
-    digest = hashlib.sha256(repr((VERSION, sorted((k, repr(v)) for k, v in settings.items()))).encode())
-    for path in [train_summary, test_file, *sorted(models.glob("seed-*"))]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes() if path.is_file() else b"missing")
-    for module in ("evaluation.py", "stats.py", "model.py"):
-        digest.update((Path(__file__).parent / module).read_bytes())
-    return digest.hexdigest()
-
-
-def log(trained: dict, report: dict, names: tuple[str, ...]) -> None:
-    """Test figures to each seed's MLflow run and the means to the variant's run (runs left as they are)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for seed, figures in report["per_seed"].items():
-        run_id = trained["per_seed"][seed]["mlflow_run_id"]
-        client.log_batch(run_id, metrics=seed_metrics(figures, names))
-        client.set_tag(run_id, "gates", "pass" if figures["passed"] else "fail")
-    means = {
-        "test_accuracy_mean": report["test_accuracy_mean"],
-        "test_accuracy_std": report["test_accuracy_std"],
-        "test_loss_mean": report["test_loss_mean"],
-        "gates_passed_fraction": report["passed_fraction"],
-        **{f"gate_{name}_pass_fraction": value for name, value in report["gate_pass_fraction"].items()},
-    }
-    now = int(time.time() * 1000)
-    from mlflow.entities import Metric
-
-    metrics = [Metric(key, value, now, 0) for key, value in means.items() if value is not None]
-    client.log_batch(trained["mlflow_run_id"], metrics=metrics)
-    client.set_tag(trained["mlflow_run_id"], "gates", "pass" if report["passed"] else "fail")
-
-
-def seed_metrics(figures: dict, names: tuple[str, ...]) -> list:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    values = {f"gate_{name}": float(gate["passed"]) for name, gate in figures["gates"].items()}
-    values["gates_passed"] = float(figures["passed"])
-    if figures["test_accuracy"] is not None:
-        values.update(test_loss=figures["test_loss"], test_accuracy=figures["test_accuracy"])
-        values.update(
-            {
-                f"class_accuracy_{name.replace(' ', '_').replace('-', '_')}": value
-                for name, value in zip(names, figures["per_class_accuracy"])
-            }
-        )
-    return [Metric(key, value, now, 0) for key, value in values.items()]
 
 
 def confusion_records(confusion: list[list[int]], names: tuple[str, ...]) -> list[dict]:

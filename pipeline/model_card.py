@@ -71,15 +71,15 @@ def from_compare_row(
     model_uri: str | None,
     reasons: Sequence[str | None] = (),
 ) -> str:
-    """The card of compare's pick. Reads row["changed"]; row["train"]: "seeds", "mlflow_run_id",
-    "mlflow_model_seed", "aggregate"["validation_accuracy_mean"], "per_seed"[seed]["validation_accuracy"];
+    """The card of compare's pick. Reads row["changed"], row["run_id"] (the variant's training run); row["train"]:
+    "seeds", "model_seed", "aggregate"["validation_accuracy_mean"], "per_seed"[seed]["validation_accuracy"];
     row["eval"]: "test_accuracy_mean", "test_accuracy_ci95". Any of them may be missing."""
     from pipeline import stats
 
     trained, evaluated = row.get("train") or {}, row.get("eval") or {}
     validation = [figures.get("validation_accuracy") for figures in (trained.get("per_seed") or {}).values()]
     params, model_input = model_facts(model_uri)
-    seed = trained.get("mlflow_model_seed")
+    seed = trained.get("model_seed")
     picked = f"the model is seed {seed}, the variant's best in validation" if seed is not None else None
     return markdown(
         variant,
@@ -90,7 +90,7 @@ def from_compare_row(
             stats.t_interval([value for value in validation if value is not None]),
         ),
         (evaluated.get("test_accuracy_mean"), evaluated.get("test_accuracy_ci95")),
-        run_digest(trained.get("mlflow_run_id")),
+        run_digest(row.get("run_id")),
         git_commit,
         "; ".join(reason for reason in (*reasons[:1], picked, *reasons[1:]) if reason) or None,
         model_input,

@@ -1,70 +1,186 @@
 """The statistics the comparison needs: means over seeds, Student-t intervals, verdicts and a bootstrap.
 
-A comparison of two variants is a verdict with its test, so it reads the same on any machine:
-- `equivalent`: two one-sided tests (TOST) against a declared margin: the (1 - 2 alpha / m) interval of the
-  paired differences lies inside (-margin, +margin);
-- `better` / `worse`: that interval lies wholly above / below 0 (a one-sided test at alpha / m);
+A comparison of two variants is a verdict with its test, so it reads the same on any machine. With m the
+number of comparisons the report states (Bonferroni) and d the paired difference first - second:
+- `better` / `worse`: the two-sided (1 - alpha / m) interval of d lies wholly above / below 0;
+- `equivalent`: two one-sided tests (TOST), each at level alpha / m, against the declared margin: the
+  (1 - 2 alpha / m) interval of d lies inside (-margin, +margin);
 - `inconclusive`: neither.
-m is the number of comparisons the report states (Bonferroni), so the family-wise error rate is alpha.
-A difference smaller than the margin is `equivalent` even when it is also "significant": the margin says
-what is too small to matter.
+`equivalent` is checked first: a difference smaller than the margin is too small to matter even when it is
+also "significant". Whatever the true difference, a pair's verdict is wrong with probability at most alpha / m
+(at 0: better or worse, alpha / m; strictly inside the margin: only the wrong sign, alpha / 2m; at or beyond
+it: equivalent or the wrong sign, both below the one-sided (1 - alpha / m) bound, alpha / m), so the chance of
+any wrong verdict among the m pairs (the family-wise error rate) is at most alpha.
+
+The intervals are mean +- t(1 - gamma / 2, S - 1) x standard error over S seeds. Between variants the standard
+error comes from a paired bootstrap over seeds x validation images (`paired_bootstrap_comparisons`), so the
+verdicts hold against the validation set's sampling as well as the seeds'.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import statistics
 
+import torch
+
+from pipeline.spread import mean_and_std  # noqa: F401 - the summaries' spread, read here by evaluation
+
 CONFIDENCE = 0.95
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
-
-
-def mean_and_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the values present (std 0.0 for one value; None, None for none)."""
-    present = [value for value in values if value is not None]
-    if not present:
-        return None, None
-    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
+BOOTSTRAP_SEED = 0  # every bootstrap draws from this seed: the same params give the same bytes
+BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first image in the highest bit
+CHUNK = 250  # resamples drawn at once: 250 x images counts keeps memory small
 
 
 def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Two-sided interval for the mean of `values` (Student t, n - 1 degrees of freedom); None below two values."""
     if len(values) < 2:
         return None
-    from scipy.stats import t  # scipy's quantile rather than a hand-copied table
+    mean, standard_error = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half = t_half_width(standard_error, len(values) - 1, confidence)
+    return mean - half, mean + half
 
-    mean, std = statistics.fmean(values), statistics.stdev(values)
-    half = t.ppf((1 + confidence) / 2, len(values) - 1) * std / math.sqrt(len(values))
-    return float(mean - half), float(mean + half)  # plain floats: scipy gives numpy scalars
+
+def t_half_width(standard_error: float, degrees_of_freedom: int, confidence: float) -> float:
+    """Half the two-sided Student-t interval at `confidence`: t(1 - (1 - confidence) / 2, df) x standard error."""
+    return t_quantile((1 + confidence) / 2, degrees_of_freedom) * standard_error
+
+
+@functools.cache
+def t_quantile(probability: float, degrees_of_freedom: int) -> float:
+    """Student t's quantile from scipy rather than a hand-copied table (a plain float, not numpy's)."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, degrees_of_freedom))
+
+
+def levels(alpha: float, comparisons: int) -> tuple[float, float]:
+    """The two confidences a verdict reads: (1 - alpha / m) for better/worse, (1 - 2 alpha / m) for TOST."""
+    return 1 - alpha / comparisons, 1 - 2 * alpha / comparisons
+
+
+def verdict(difference: tuple[float, float] | None, equivalence: tuple[float, float] | None, margin: float) -> str:
+    """equivalent: the (1 - 2 alpha / m) interval inside (-margin, margin); better/worse: the (1 - alpha / m)
+    interval wholly above/below 0; inconclusive otherwise (or without intervals)."""
+    if difference is None or equivalence is None:
+        return "inconclusive"
+    if -margin < equivalence[0] and equivalence[1] < margin:
+        return "equivalent"
+    if difference[0] > 0:
+        return "better"
+    return "worse" if difference[1] < 0 else "inconclusive"
+
+
+def judged(
+    mean: float | None, standard_error: float | None, seeds: int, margin: float, comparisons: int, alpha: float
+) -> dict:
+    """Both intervals around `mean` (Student t on seeds - 1 degrees of freedom) and the verdict they give."""
+    difference_confidence, equivalence_confidence = levels(alpha, comparisons)
+    difference = equivalence = None
+    if mean is not None and standard_error is not None and seeds >= 2:
+        wide, narrow = (
+            t_half_width(standard_error, seeds - 1, level) for level in (difference_confidence, equivalence_confidence)
+        )
+        difference, equivalence = (mean - wide, mean + wide), (mean - narrow, mean + narrow)
+    return {
+        "difference_mean": mean,
+        "standard_error": standard_error,
+        "difference_interval": list(difference) if difference else None,
+        "difference_confidence": difference_confidence,
+        "equivalence_interval": list(equivalence) if equivalence else None,
+        "equivalence_confidence": equivalence_confidence,
+        "verdict": verdict(difference, equivalence, margin),
+    }
 
 
 def paired_comparison(
     first: dict[str, float], second: dict[str, float], margin: float, comparisons: int = 1, alpha: float = 0.05
 ) -> dict:
-    """first - second over the seeds both have: mean, the (1 - 2 alpha / comparisons) interval, and the verdict."""
+    """first - second over the seeds both have, seeds alone: standard error s / sqrt(S), then `judged`."""
     seeds = sorted(set(first) & set(second), key=_seed_order)
     differences = [first[seed] - second[seed] for seed in seeds]
-    confidence = 1 - 2 * alpha / comparisons
-    interval = t_interval(differences, confidence)
-    return {
-        "seeds": seeds,
-        "difference_mean": statistics.fmean(differences) if differences else None,
-        "interval": list(interval) if interval else None,
-        "confidence": confidence,
-        "verdict": verdict(interval, margin),
-    }
+    mean = statistics.fmean(differences) if differences else None
+    error = statistics.stdev(differences) / math.sqrt(len(seeds)) if len(seeds) >= 2 else None
+    return {"seeds": seeds, **judged(mean, error, len(seeds), margin, comparisons, alpha)}
 
 
-def verdict(interval: tuple[float, float] | None, margin: float) -> str:
-    """equivalent inside (-margin, margin); better/worse wholly beyond 0; inconclusive otherwise (or no interval)."""
-    if interval is None:
-        return "inconclusive"
-    low, high = interval
-    if -margin < low and high < margin:
-        return "equivalent"
-    if low > 0:
-        return "better"
-    return "worse" if high < 0 else "inconclusive"
+def paired_bootstrap_comparisons(
+    correct: dict[str, dict[str, torch.Tensor]],
+    pairs: list[tuple[str, str]],
+    margin: float,
+    alpha: float,
+    resamples: int,
+) -> list[dict]:
+    """Per pair (first, second), first - second in accuracy over the seeds both have, then `judged` with
+    m = len(pairs); `correct` is variant -> seed -> which images that seed's model got right.
+
+    The standard error is the standard deviation of the pair's mean difference over `resamples` bootstrap draws
+    of seeds and images with replacement, the same seed and image indices for both variants (every pair shares
+    the image draws), times sqrt(S / (S - 1)) so that it is the seeds' own s / sqrt(S) when the images add no
+    spread. The draws count the seed x image interaction more than once (Owen, 2007), so the standard error
+    errs wide and the error rates above are bounds, up to the t approximation and the bootstrap's own noise
+    (about 1 / sqrt(2 resamples) of the standard error: 1.6% at 2,000)."""
+    differences = [paired_differences(correct[first], correct[second]) for first, second in pairs]
+    resampled = [matrix for _, matrix in differences if matrix.shape[0] >= 2 and matrix.shape[1]]
+    variances = iter(bootstrap_variances(resampled, resamples))
+    results = []
+    for seeds, matrix in differences:
+        count, images = matrix.shape
+        mean = _exact_sum(matrix) / matrix.numel() if matrix.numel() else None
+        error = math.sqrt(next(variances) * count / (count - 1)) if count >= 2 and images else None
+        results.append({"seeds": seeds, "images": images, **judged(mean, error, count, margin, len(pairs), alpha)})
+    return results
+
+
+def paired_differences(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+) -> tuple[list[str], torch.Tensor]:
+    """The seeds both have, and seeds x images of first's correctness minus second's (-1, 0 or 1)."""
+    seeds = sorted(set(first) & set(second), key=_seed_order)
+    if not seeds:
+        return [], torch.zeros(0, 0, dtype=torch.float64)
+    rows = [first[seed].double() - second[seed].double() for seed in seeds]
+    return seeds, torch.stack(rows)
+
+
+def bootstrap_variances(matrices: list[torch.Tensor], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[float]:
+    """Per matrix (integer entries, seeds x images), the variance (n - 1 denominator) over resamples of its mean
+    with seeds and images resampled; exact integer sums, so the same draws give the same bits on any machine."""
+    variances = []
+    for matrix, sums in zip(matrices, resampled_sums(matrices, resamples, seed)):
+        totals = [round(total) for total in sums.tolist()]
+        spread = len(totals) * sum(total * total for total in totals) - sum(totals) ** 2
+        variances.append(spread / (len(totals) * (len(totals) - 1) * matrix.numel() ** 2))  # one rounding
+    return variances
+
+
+def resampled_sums(matrices: list[torch.Tensor], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[torch.Tensor]:
+    """Per matrix (seeds x the same N images), per resample, its sum over its seeds and the N images drawn with
+    replacement: the image draws are shared, the seed draws are each matrix's own. float64 sums of integer
+    entries are exact (every partial sum is an integer far below 2^53, whatever order the BLAS adds in)."""
+    if not matrices:
+        return []
+    stacked = torch.cat([matrix.double() for matrix in matrices])
+    offsets = [0, *itertools.accumulate(len(matrix) for matrix in matrices)]
+    images, generator = stacked.shape[1], torch.Generator().manual_seed(seed)
+    sums: list[list[torch.Tensor]] = [[] for _ in matrices]
+    one = torch.ones(1, 1, dtype=torch.float64)
+    for start in range(0, resamples, CHUNK):
+        count = min(CHUNK, resamples - start)
+        draws = torch.randint(0, images, (count, images), generator=generator)
+        weights = torch.zeros(count, images, dtype=torch.float64).scatter_add_(1, draws, one.expand(count, images))
+        per_row = weights @ stacked.T  # count x rows: each seed's sum over the drawn images
+        for index, matrix in enumerate(matrices):
+            picked = torch.randint(0, len(matrix), (count, len(matrix)), generator=generator) + offsets[index]
+            sums[index].append(per_row.gather(1, picked).sum(1))
+    return [torch.cat(parts) for parts in sums]
+
+
+def _exact_sum(matrix: torch.Tensor) -> int:
+    return round(matrix.sum().item())  # integer entries: exact in float64
 
 
 def _seed_order(seed: str) -> tuple[int, str]:
@@ -72,30 +188,32 @@ def _seed_order(seed: str) -> tuple[int, str]:
 
 
 def bootstrap_accuracy_interval(
-    correct: list[list[bool]] | object, resamples: int, seed: int = 0, confidence: float = CONFIDENCE
+    correct: list[list[bool]] | object, resamples: int, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
 ) -> list[float] | None:
     """Percentile interval of the mean accuracy when both the seeds and the test images are resampled.
 
     `correct` is seeds x images (1 where that seed's model got that image right). Each resample draws seeds
     and images with replacement, so the interval holds the test set's own sampling error (about
     sqrt(p (1 - p) / n), 0.0034 at 0.87 on 10,000 images) as well as the spread over seeds."""
-    import torch
-
     matrix = torch.as_tensor(correct, dtype=torch.float64)
     if matrix.dim() != 2 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
         return None
-    seeds, images = matrix.shape
-    generator = torch.Generator().manual_seed(seed)
-    means = []
-    for chunk in range(0, resamples, 250):  # 250 x images counts at a time keeps memory small
-        count = min(250, resamples - chunk)
-        draws = torch.randint(0, images, (count, images), generator=generator)
-        ones = torch.ones_like(draws, dtype=torch.float64)
-        weights = torch.zeros(count, images, dtype=torch.float64).scatter_add_(1, draws, ones)
-        per_seed = weights @ matrix.T / images  # count x seeds: each seed's accuracy on the resampled images
-        picked = torch.randint(0, seeds, (count, seeds), generator=generator)
-        means.append(per_seed.gather(1, picked).mean(1))
-    values = torch.cat(means)
+    values = resampled_sums([matrix], resamples, seed)[0] / matrix.numel()
     tail = (1 - confidence) / 2
     low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return [low, high]
+
+
+def pack_bits(correct: torch.Tensor) -> str:
+    """Which images a model got right, as hex: 8 images a byte, the first in the highest bit (numpy's packbits)."""
+    bits = torch.nn.functional.pad(correct.to(torch.uint8).flatten(), (0, -len(correct) % 8))
+    return bytes((bits.view(-1, 8) * BIT_WEIGHTS).sum(1).tolist()).hex()
+
+
+def unpack_bits(text: str, images: int) -> torch.Tensor:
+    """`pack_bits` undone: a bool tensor of `images` values; ValueError for text that cannot be that."""
+    packed = bytes.fromhex(text)
+    if len(packed) != -(-images // 8):
+        raise ValueError(f"{len(packed)} bytes, expected {-(-images // 8)} for {images} images")
+    bits = torch.tensor(list(packed), dtype=torch.uint8).unsqueeze(1).bitwise_and(BIT_WEIGHTS).ne(0)
+    return bits.flatten()[:images]

@@ -1,4 +1,5 @@
-"""The embedded MLflow store (mlflow.db beside mlartifacts/): it moves with the repo, and it is backed up.
+"""The embedded MLflow store (mlflow.db beside mlartifacts/ at the workspace root): where it is, its lock, and
+its backups. It only reads MLflow's database (to back it up); MLflow alone writes into it.
 
     python -m pipeline.store backups            list the backups in .mlflow-backups/, oldest first
     python -m pipeline.store backup             take one now
@@ -28,82 +29,49 @@ ARTIFACTS, BACKUPS = "mlartifacts", ".mlflow-backups"
 BACKUP_EVERY, KEEP = timedelta(minutes=10), 5
 STAMP = "%Y%m%dT%H%M%SZ"
 BUSY_TIMEOUT_S = 20  # as long as MLflow itself waits for a locked store
-# Every column that holds an artifact location, as MLflow 3's SQLAlchemy models define them
-# (mlflow/store/tracking/dbmodels/models.py, mlflow/store/model_registry/dbmodels/models.py).
-LOCATION_COLUMNS = (
-    ("experiments", "artifact_location", ""),
-    ("runs", "artifact_uri", ""),
-    ("logged_models", "artifact_location", ""),
-    ("model_versions", "source", ""),
-    ("model_versions", "storage_location", ""),
-    ("trace_tags", "value", " AND key = 'mlflow.artifactLocation'"),
-)
 T = TypeVar("T")
 SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's companions of a database file: they move with it
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The user's repo: also from inside an experiment's copy (DVC runs --queue and --temp in .dvc/tmp/exps/...)
+    and from a DVC subproject such as lessons/mnist (DVC_ROOT is then the subproject), so every lesson shares
+    one store. That is the nearest folder holding .git; without git, where we started."""
+    here = (start or Path(os.environ.get("DVC_ROOT") or Path.cwd())).resolve()
+    for parent in (here, *here.parents):
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return parent.parent.parent.parent
+    return next((parent for parent in (here, *here.parents) if (parent / ".git").exists()), here)
+
+
+def embedded_db() -> Path:
+    """The embedded store's file: mlflow.db at the workspace root."""
+    return workspace_root() / "mlflow.db"
+
+
+@contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Serialize first contact with an SQLite store: MLflow creates and migrates its tables then, and two stages
+    doing that at once (dvc queue start -j 2, or two shells) corrupt the migration. Restore takes it too."""
+    import fcntl
+
+    try:
+        lock = open(f"{db}.lock", "w")
+    except OSError as error:
+        raise PipelineError(
+            f"MLflow tracking at sqlite:///{db} failed: cannot create the store: {error.strerror}"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def artifact_root(db: Path) -> str:
     """Where the experiments of the store at `db` keep their artifacts: mlartifacts/ beside it, as a file URI."""
     return (db.parent / ARTIFACTS).as_uri()
-
-
-def relocate(db: Path) -> list[str]:
-    """Point every artifact location under another copy's mlartifacts/ at the one beside `db`, in one transaction."""
-    new_root = artifact_root(db)
-    if not db.exists():
-        return []
-    with closing(sqlite3.connect(db, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as connection:
-        if not _old_roots(connection, new_root):
-            return []
-        with _write_transaction(connection):
-            old_roots = _old_roots(connection, new_root)  # again, now that no one else can write
-            tables = _tables(connection)
-            for old_root in old_roots:
-                for table, column, condition in LOCATION_COLUMNS:
-                    if table in tables:
-                        _replace_prefix(connection, table, column, condition, old_root, new_root)
-    for old_root in old_roots:
-        print(f"relocated the MLflow store from {old_root} to {new_root}")
-    return old_roots
-
-
-def _old_roots(connection: sqlite3.Connection, new_root: str) -> list[str]:
-    """The artifact roots of experiments that our stages created in another copy of the repo."""
-    if "experiments" not in _tables(connection):
-        return []  # a new store: MLflow has not made its tables yet
-    locations = {
-        location.rstrip("/")
-        for (location,) in connection.execute(
-            "SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file:///%'"
-        )
-    }
-    return sorted(root for root in locations if root.endswith("/" + ARTIFACTS) and root != new_root)
-
-
-def _tables(connection: sqlite3.Connection) -> set[str]:
-    return {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def _replace_prefix(
-    connection: sqlite3.Connection, table: str, column: str, condition: str, old_root: str, new_root: str
-) -> None:
-    # substr, not LIKE: paths hold '_' and '%', which LIKE reads as wildcards.
-    connection.execute(
-        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-        f'WHERE ("{column}" = ? OR substr("{column}", 1, ?) = ?){condition}',
-        (new_root, len(old_root) + 1, old_root, len(old_root) + 1, old_root + "/"),
-    )
-
-
-@contextmanager
-def _write_transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
 
 
 def backups(db: Path) -> list[Path]:
@@ -204,9 +172,7 @@ def main() -> None:
     commands.add_parser("backup", help="back the store up now")
     commands.add_parser("restore", help="replace the store by a backup").add_argument("backup", type=Path, nargs="?")
     args = parser.parse_args()
-    from pipeline import tracking
-
-    db = (args.db or tracking.workspace_root() / "mlflow.db").resolve()
+    db = (args.db or embedded_db()).resolve()
     if args.command == "backups":
         for path in backups(db):
             print(f"{path}  {path.stat().st_size:>12,d} bytes")
@@ -216,7 +182,7 @@ def main() -> None:
         print(f"backed up {db} to {_plain_errors(backup, db)}")
     else:
         source = args.backup or newest_backup(db)
-        with tracking._embedded_store_lock(f"sqlite:///{db}"):  # no stage opens the store halfway through
+        with locked(db):  # no stage opens the store halfway through
             aside = _plain_errors(restore, db, source)
         print(f"restored {db} from {source}" + (f"; the store it replaced is {aside}" if aside else ""))
 

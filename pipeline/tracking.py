@@ -6,15 +6,17 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline import cli, store
 from pipeline.errors import PipelineError, first_line
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's training-runs view, not GenAI
-CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"  # the registry aliases compare moves (promotable())
+CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"  # the registry aliases compare moves
 # What a run's results depend on besides data: code and params. Not outputs, which a lesson may leave untracked
 # (lessons/mnist is run by hand), nor DVC's dvc.lock. Git pathspecs, relative to the repo root.
 CODE_PATHS = (
@@ -33,20 +35,9 @@ def _bound_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def workspace_root(start: Path | None = None) -> Path:
-    """The user's repo: also from inside an experiment's copy (DVC runs --queue and --temp in .dvc/tmp/exps/...)
-    and from a DVC subproject such as lessons/mnist (DVC_ROOT is then the subproject), so every lesson shares
-    one store. That is the nearest folder holding .git; without git, where we started."""
-    here = (start or Path(os.environ.get("DVC_ROOT") or Path.cwd())).resolve()
-    for parent in (here, *here.parents):
-        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
-            return parent.parent.parent.parent
-    return next((parent for parent in (here, *here.parents) if (parent / ".git").exists()), here)
-
-
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded SQLite store at the workspace root, by absolute path."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.embedded_db()}"
 
 
 def _git(*args: str) -> str | None:
@@ -69,13 +60,54 @@ def code_dirty() -> bool:
 
 
 def owner_tags() -> dict[str, str]:
-    """Which process a run belongs to: close_orphans ends the runs of processes that are gone."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+    """Which process a run belongs to, so that close_orphans can end the runs of processes that are gone: this
+    machine's boot (boot_id), the pid and that pid's start time name one process that no other machine, and no
+    later process here, can share. The host name is for people: two machines may share it."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid": str(pid), "pid_started": process_started(pid)}
+
+
+def boot_id() -> str:
+    """This boot of this machine: Linux's random boot id, with the pid namespace (containers on one host share the
+    boot id but not their pids); elsewhere the boot time to the microsecond (macOS: sysctl kern.boottime)."""
+    if sys.platform != "linux":
+        import psutil  # a dependency of dvc; on macOS it reads kern.boottime
+
+        return f"boot-time {psutil.boot_time()!r}"
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    try:
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return boot
+
+
+def process_started(pid: int) -> str | None:
+    """When process `pid` started, exactly as the system counts it; None when there is no such process. Linux:
+    field 22 of /proc/<pid>/stat (clock ticks since boot); elsewhere psutil's creation time (macOS: p_starttime)."""
+    if sys.platform != "linux":
+        return _psutil_started(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]  # fields from the third on follow the command's last ')'
+
+
+def _psutil_started(pid: int) -> str | None:
+    import psutil
+
+    try:
+        return repr(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
-    """What an MLflow run needs to find the DVC experiment, code and stage that made it."""
+    """What an MLflow run needs to find the DVC experiment, code, environment and stage that made it."""
+    from pipeline.environment import run_tags
+
     tags = {"stage": stage, "git_commit": git_commit(), "git_dirty": str(code_dirty()).lower(), **owner_tags()}
+    tags.update(run_tags())  # the lock's digest and the versions of python, torch, mlflow and dvc
     if variant:
         tags["variant"] = variant
     if os.environ.get("DVC_EXP_NAME"):
@@ -83,42 +115,43 @@ def lineage_tags(stage: str, variant: str | None = None) -> dict[str, str]:
     return tags
 
 
-def promotable() -> tuple[bool, str]:
-    """Whether this run may move @champion: committed code and params, not a DVC experiment, not CI off main."""
-    if os.environ.get("DVC_EXP_NAME"):
-        return False, f"a DVC experiment ({os.environ['DVC_EXP_NAME']})"
-    ref = os.environ.get("GITHUB_REF")
-    if os.environ.get("CI") and ref and ref != "refs/heads/main":
-        return False, f"CI on {ref}, not on main"
-    if code_dirty():
-        return False, "code or params not committed"
-    return True, "committed code and params, workspace run"
+@contextmanager
+def logged_run(stage: str, experiment: str, variant: str | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """One stage's MLflow run opened, logged and ended in one short step once its figures exist, with SIGINT and
+    SIGTERM held throughout (cli.signals_held): no store call is cut short, and a signal that arrived meanwhile
+    ends the run KILLED and is raised when the step ends. Ends FAILED on an error; store errors are one line."""
+    with cli.signals_held(), stage_run(stage, experiment, variant, run_id) as run:
+        yield run
 
 
 @contextmanager
 def stage_run(stage: str, experiment: str, variant: str | None = None, run_id: str | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage; ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM.
-    A store error anywhere inside becomes one line naming the store."""
+    """An MLflow run for one stage; ends FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Opening and
+    ending it hold signals; calls in the block do not: log inside logged_run instead where the block is not long
+    work. `run_id` continues the run that produced a later stage's inputs. A store error is one line."""
     import mlflow
 
     _bound_http_retries()
     uri = tracking_uri()
     _quiet_store_tracebacks()
-    with store_errors(uri):
-        with _embedded_store_lock(uri):
-            _look_after_embedded_store(uri)
-            mlflow.set_tracking_uri(uri)
-            experiment_id = _use_experiment(mlflow, experiment, uri)
-        close_orphans(experiment_id)
-        if run_id is None:
-            run = mlflow.start_run(
-                run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant)
-            )
-        else:  # a later stage adding to the run that produced its inputs: while it runs, the run is its own
-            run = mlflow.start_run(run_id=run_id)
-            mlflow.set_tags({f"{stage}_git_commit": git_commit(), **owner_tags()})
-    with store_errors(uri), _ended(mlflow):  # a store error while ending the run is one line too
+    with store_errors(uri), _run_ended(mlflow, lambda: _start(mlflow, uri, stage, experiment, variant, run_id)) as run:
         yield run
+
+
+def _start(mlflow: Any, uri: str, stage: str, experiment: str, variant: str | None, run_id: str | None) -> Any:
+    """Open the store (backup, lock, this store's own experiment), end orphans, and start the stage's run."""
+    db = _embedded_db(uri)
+    with _first_contact(uri):
+        if db is not None:
+            store.backup_if_due(db)
+        mlflow.set_tracking_uri(uri)
+        experiment_id = _use_experiment(mlflow, experiment, uri)
+    close_orphans(experiment_id)
+    if run_id is not None:  # a later stage adding to the run that made its inputs: while it runs, the run is its own
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags({f"{stage}_git_commit": git_commit(), **owner_tags()})
+        return run
+    return mlflow.start_run(run_name=f"{stage}@{variant}" if variant else stage, tags=lineage_tags(stage, variant))
 
 
 @contextmanager
@@ -127,23 +160,40 @@ def child_run(name: str, tags: dict[str, str]) -> Iterator[Any]:
     is closed by the next stage when its process is killed (owner_tags)."""
     import mlflow
 
-    run = mlflow.start_run(run_name=name, nested=True, tags={**tags, **owner_tags()})
-    with _ended(mlflow):
+    with _run_ended(mlflow, lambda: mlflow.start_run(run_name=name, nested=True, tags={**tags, **owner_tags()})) as run:
         yield run
 
 
 @contextmanager
-def _ended(mlflow: Any) -> Iterator[None]:
-    """End the active run as its block ended: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error."""
+def _run_ended(mlflow: Any, start: Callable[[], Any]) -> Iterator[Any]:
+    """Start a run with signals held, and end it as its block ended: FINISHED; KILLED on Ctrl-C or SIGTERM (also
+    one held until now); FAILED on an error. A run that never started is not ended."""
+    run = None
     try:
-        yield
+        with cli.signals_held():
+            run = start()
+        yield run
     except (KeyboardInterrupt, SystemExit):
-        _end_run(mlflow, "KILLED")
+        if run is not None:
+            _end_run(mlflow, "KILLED")
         raise
-    except BaseException as error:
-        _end_run(mlflow, "FAILED", error)
+    except BaseException:
+        if run is not None:
+            _end_run(mlflow, "FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end_run(mlflow, "FINISHED")
+
+
+def _end_run(mlflow: Any, status: str) -> None:
+    """End the active run with signals held, best-effort: the store may be what failed, and then the run stays
+    RUNNING until the next stage that reaches the store ends it FAILED (close_orphans)."""
+    with cli.signals_held():
+        if status == "FINISHED" and cli.interrupt_pending():
+            status = "KILLED"
+        try:
+            mlflow.end_run(status)
+        except Exception as failure:  # noqa: BLE001
+            print(f"warning: could not end the MLflow run as {status}: {first_line(failure)}; the next stage ends it")
 
 
 @contextmanager
@@ -171,50 +221,27 @@ def _from_store(error: BaseException) -> bool:
     return module.startswith(("mlflow", "sqlalchemy", "sqlite3", "requests", "urllib3", "psycopg2"))
 
 
-def _end_run(mlflow: Any, status: str, error: BaseException | None = None) -> None:
-    """End the active run best-effort: the store may be what failed; the next stage closes what is left."""
-    if error is not None and "database is locked" in str(error):
-        # Another process holds the store: ending the run would wait out MLflow's 20 s busy timeout once more
-        # per open run. Forget the run instead (MLflow's exit hook would otherwise end it FINISHED); it stays
-        # RUNNING, and the next stage to reach the store ends it FAILED (close_orphans).
-        from mlflow.tracking import fluent
-
-        stack = fluent._active_run_stack.get()
-        if stack:
-            print(f"warning: left MLflow run {stack.pop().info.run_id} RUNNING: the store is locked")
-        return
-    try:
-        mlflow.end_run(status)
-    except Exception as failure:  # noqa: BLE001
-        print(f"warning: could not end the MLflow run as {status}: {first_line(failure)}")
-
-
 def close_orphans(experiment_id: str) -> None:
-    """Runs left RUNNING by a process on this host that no longer exists (killed, or its store failed) end FAILED,
-    in every experiment: the stage that reaches the store next may log elsewhere (a lesson, say)."""
+    """Runs left RUNNING by a process of this machine's boot that no longer exists (killed, or its store failed)
+    end FAILED, in every experiment: the stage that reaches the store next may log elsewhere (a lesson, say).
+    A run of another machine, or one without these tags, is never touched."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    host = socket.gethostname()
+    machine = boot_id()
     experiments = {experiment_id} | {experiment.experiment_id for experiment in client.search_experiments()}
-    running = f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+    running = f"attributes.status = 'RUNNING' and tags.boot_id = '{machine}'"
     for run in client.search_runs(sorted(experiments), running, max_results=200):
-        tags = run.data.tags
-        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
+        if orphaned(run.data.tags, machine):
             client.set_terminated(run.info.run_id, "FAILED")
-            print(f"closed MLflow run {run.info.run_id} ({run.info.run_name}): its process {tags['pid']} is gone")
+            pid = run.data.tags["pid"]
+            print(f"closed MLflow run {run.info.run_id} ({run.info.run_name}): its process {pid} is gone")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def orphaned(tags: dict[str, str], machine: str) -> bool:
+    """Whether owner_tags name a process of this boot that is gone: its pid is free, or taken by a later process."""
+    pid = tags.get("pid", "")
+    return tags.get("boot_id") == machine and pid.isdigit() and process_started(int(pid)) != tags.get("pid_started")
 
 
 def log_dataset(path: Path, name: str, digest: str, context: str) -> None:
@@ -249,19 +276,8 @@ def dvc_hash(path: Path, lock: Path = Path("dvc.lock")) -> str | None:
 
 def _embedded_db(uri: str) -> Path | None:
     """The SQLite file of the embedded store at the workspace root, when `uri` is that store."""
-    db = workspace_root() / "mlflow.db"
+    db = store.embedded_db()
     return db if uri == f"sqlite:///{db}" else None
-
-
-def _look_after_embedded_store(uri: str) -> None:
-    """Before MLflow opens the embedded store: back it up when due, and point it at this copy's mlartifacts/."""
-    db = _embedded_db(uri)
-    if db is None:
-        return
-    from pipeline import store
-
-    store.backup_if_due(db)
-    store.relocate(db)
 
 
 def _quiet_store_tracebacks() -> None:
@@ -275,38 +291,29 @@ def _not_a_database_error_traceback(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def _embedded_store_lock(uri: str) -> Iterator[None]:
-    """Serialize first contact with an SQLite store: MLflow creates and migrates its tables then,
-    and two stages doing that at once (dvc queue start -j 2, or two shells) corrupt the migration."""
+def _first_contact(uri: str) -> Iterator[None]:
+    """An SQLite store's first contact, under its lock (store.locked); any other store's as it is."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
-    try:
-        lock = open(uri.removeprefix("sqlite:///") + ".lock", "w")
-    except OSError as error:
-        raise PipelineError(f"MLflow tracking at {uri} failed: cannot create the store: {error.strerror}") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with store.locked(Path(uri.removeprefix("sqlite:///"))):
+        yield
 
 
 def _use_experiment(mlflow: Any, name: str, uri: str) -> str:
-    """Create the experiment (artifacts beside an embedded store, tagged for the UI's training view); return its id."""
+    """This store's experiment `name` (artifacts beside an SQLite store, tagged for the UI's training view),
+    created when missing; return its id."""
+    location = store.artifact_root(Path(uri.removeprefix("sqlite:///"))) if uri.startswith("sqlite:///") else None
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise PipelineError(
             f"MLflow experiment {name!r} at {uri} is deleted; restore it (mlflow experiments "
             f"restore --experiment-id {experiment.experiment_id}) or choose another mlflow.experiment"
         )
+    if experiment is not None and location is not None and _logged_elsewhere(experiment.artifact_location, location):
+        _set_aside(mlflow, experiment, location)
+        experiment = None
     if experiment is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:
@@ -316,6 +323,26 @@ def _use_experiment(mlflow: Any, name: str, uri: str) -> str:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
+
+
+def _logged_elsewhere(artifact_location: str, location: str) -> bool:
+    """Whether an experiment keeps its artifacts in the mlartifacts/ of another copy of this store: made by our
+    stages beside a store that has since been copied or moved. Locations a user chose are left as they are."""
+    root = artifact_location.rstrip("/")
+    return root.startswith("file:///") and root.endswith("/" + store.ARTIFACTS) and root != location
+
+
+def _set_aside(mlflow: Any, experiment: Any, location: str) -> None:
+    """Rename an experiment logged in another copy of the store, so that a new one of the same name logs beside
+    this copy. MLflow keeps absolute artifact paths, so its runs still read their files from where they were
+    logged; nothing is written there."""
+    logged_in = experiment.artifact_location.rstrip("/").removeprefix("file://").removesuffix("/" + store.ARTIFACTS)
+    new_name = f"{experiment.name} (logged in {logged_in}, id {experiment.experiment_id})"
+    mlflow.MlflowClient().rename_experiment(experiment.experiment_id, new_name)
+    print(
+        f"MLflow experiment {experiment.name!r} keeps its artifacts in another copy of this store "
+        f"({experiment.artifact_location}): renamed it {new_name!r}; new runs go to {location}"
+    )
 
 
 def _cause(error: BaseException) -> str:
@@ -329,28 +356,29 @@ def _cause(error: BaseException) -> str:
 @contextmanager
 def child_runs(runs: dict[Any, tuple[str, dict[str, str]]]) -> Iterator[dict[Any, str]]:
     """Nested runs under the active stage run that stay open together (models trained as one batch): key ->
-    run id. Each ends as the block ended, like child_run; a run the store cannot end is closed later
-    (close_orphans: its tags name this process)."""
+    run id. Each ends as the block ended, like child_run, with signals held while they start and end; a run the
+    store cannot end is closed later (close_orphans: its tags name this process)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     parent = mlflow.active_run()
-    run_ids = {
-        key: client.create_run(
-            parent.info.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent.info.run_id}
-        ).info.run_id
-        for key, (name, tags) in runs.items()
-    }
+    run_ids: dict[Any, str] = {}
     status = "FAILED"
     try:
+        with cli.signals_held():
+            for key, (name, tags) in runs.items():
+                tags = {**tags, **owner_tags(), "mlflow.parentRunId": parent.info.run_id}
+                run_ids[key] = client.create_run(parent.info.experiment_id, run_name=name, tags=tags).info.run_id
         yield run_ids
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
-        for run_id in run_ids.values():
-            try:
-                client.set_terminated(run_id, status)
-            except Exception as failure:  # noqa: BLE001 - the next stage closes what is left
-                print(f"warning: could not end MLflow run {run_id} as {status}: {first_line(failure)}")
+        with cli.signals_held():
+            status = "KILLED" if cli.interrupt_pending() else status
+            for run_id in run_ids.values():
+                try:
+                    client.set_terminated(run_id, status)
+                except Exception as failure:  # noqa: BLE001 - the next stage closes what is left
+                    print(f"warning: could not end MLflow run {run_id} as {status}: {first_line(failure)}")

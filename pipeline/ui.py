@@ -70,7 +70,6 @@ def start(uri: str, port: int) -> subprocess.Popen:
     from pipeline import store
 
     db = embedded_store(uri)
-    store.relocate(db)  # runs logged in another copy of the repo find their artifacts here
     # One worker: one person browses, and the stages may be training beside it.
     network = ["--host", HOST, "--port", str(port), "--workers", "1"]
     stores = ["--backend-store-uri", uri, "--artifacts-destination", store.artifact_root(db)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 
@@ -154,8 +153,6 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                     str(root / stage / "metrics.json"),
                     "--plot",
                     str(root / stage / "plot.png"),
-                    "--run-record",
-                    str(root / stage / "run.json"),
                 ],
                 cwd=REPO,
                 env=env,
@@ -182,10 +179,12 @@ def test_stage_cli_writes_its_outputs_and_a_finished_mlflow_run(stage_runs, stag
     from mlflow import MlflowClient
 
     directory = stage_runs[stage]
-    assert sorted(path.name for path in directory.iterdir()) == ["metrics.json", "plot.png", "run.json"]
+    assert sorted(path.name for path in directory.iterdir()) == ["metrics.json", "plot.png"]
     assert (directory / "plot.png").read_bytes().startswith(b"\x89PNG")
     client = MlflowClient(tracking_uri=stage_runs["uri"])
-    run = client.get_run(json.loads((directory / "run.json").read_text())["mlflow_run_id"])
+    (run,) = client.search_runs(
+        [experiment.experiment_id for experiment in client.search_experiments()], f"tags.stage = '{stage}'"
+    )
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
     assert metric_keys <= set(run.data.metrics)
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, stage)] == [f"{stage}/plot.png"]

@@ -7,6 +7,7 @@ in any order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 EXPERIMENT, MODEL = "d2l-story", "story-mlp"
 DATA_STAGES = ["download", "prepare"]
-VARIANT_STAGES = [f"train@{variant}" for variant in ("base", "scratch", "exploding")]
+VARIANTS = ("base", "scratch", "exploding")
+VARIANT_STAGES = [f"{stage}@{variant}" for stage in ("train", "evaluate") for variant in VARIANTS]
 
 
 def stages_run(output: str) -> list[str]:
@@ -67,18 +69,13 @@ def story(tmp_path_factory, tiny_dataset, mlflow_server):
     before = len(client.search_runs([record["runs"]["compare"].info.experiment_id]))
     record["second"] = run_tool(["dvc", "repro"], repo, env).stdout
     record["runs_logged_by_second"] = len(client.search_runs([record["runs"]["compare"].info.experiment_id])) - before
-    keys = lambda: {
-        name: json.loads((repo / f"reports/evaluation/{name}.json").read_text())["key"] for name in ("base", "scratch")
-    }
-    record["evaluation_keys_before_change"] = keys()
     edit_params(repo, lambda params: params["variants"]["scratch"].update(lr=0.05))
     record["changed"] = run_tool(["dvc", "repro"], repo, env).stdout
-    record["evaluation_keys_after_change"] = keys()
     record["status_after_change"] = run_tool(["dvc", "status"], repo, env).stdout
     record["report"] = report(repo, env, "--base", "HEAD")
     record["champion_after_change"] = client.get_model_version_by_alias(MODEL, "champion")
     record["challenger"] = client.get_model_version_by_alias(MODEL, "challenger")
-    record["compare_after_change"] = json.loads((repo / "reports/compare.json").read_text())
+    record["compare_run_after_change"] = runs_by_name(client)["compare"]
     commit_all(repo, "scratch lr 0.05")
     edit_params(repo, lambda params: params["evaluate"].update(max_train_loss=1e-9))
     record["gates_changed"] = run_tool(["dvc", "repro"], repo, env).stdout
@@ -121,17 +118,19 @@ def test_every_stage_logged_one_run_with_its_lineage(story):
         assert run.data.tags["git_commit"] == story["commit"] and run.data.tags["git_dirty"] == "false", name
         assert run.data.tags["stage"] == name.split("@")[0].split(" ")[0], name
     assert runs["train@scratch"].data.tags["variant"] == "scratch"
-    prepare_record = json.loads((story["repo"] / "data/prepared/tiny.run.json").read_text())
-    assert prepare_record["mlflow_run_id"] == runs["prepare"].info.run_id
+    for path in story["files"]:  # the outputs point at no run: the runs point at the outputs (results_md5)
+        assert b"mlflow_run_id" not in story["files"][path] and b"train_seconds" not in story["files"][path], path
 
 
 def test_each_seed_is_a_nested_run_and_the_variant_run_holds_the_means(story):
     runs, train = story["runs"], read(story, "results/base/train.json")
     parent = runs["train@base"]
-    assert train["mlflow_run_id"] == parent.info.run_id and train["seeds"] == [0, 1]
+    train_md5 = hashlib.md5(story["files"]["results/base/train.json"]).hexdigest()
+    locked = next(o["md5"] for o in story["lock"]["stages"]["train@base"]["outs"] if o["path"].endswith("train.json"))
+    assert parent.data.tags["results_md5"] == train_md5 == locked and train["seeds"] == [0, 1]
     for seed in ("0", "1"):
         child = runs[f"train@base seed {seed}"]
-        assert child.info.run_id == train["per_seed"][seed]["mlflow_run_id"]
+        assert child.data.tags["results_md5"] == train_md5
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.tags["seed"] == seed
         assert "test_accuracy" in child.data.metrics and "validation_accuracy" in child.data.metrics
     assert parent.data.metrics["validation_accuracy_mean"] == pytest.approx(
@@ -170,16 +169,14 @@ def test_diverged_variant_is_a_result_and_compare_still_runs(story):
     assert run.data.tags["diverged"] == "true" and run.data.metrics["diverged"] == 1.0
 
 
-def test_the_clean_run_registers_its_choice_as_champion_with_its_own_test_accuracy(story):
+def test_the_clean_run_registers_its_choice_as_champion_from_its_own_training_run(story):
     summary = read(story, "reports/compare.json")
-    champion = story["champion"]
-    assert summary["registered"]["alias"] == "champion" and int(champion.version) == summary["champion_version"]
-    chosen = read(story, f"results/{summary['champion']}/train.json")
-    assert champion.run_id == chosen["mlflow_run_id"] and summary["champion_model_uri"] == chosen["mlflow_model_uri"]
-    evaluation = read(story, f"reports/evaluation/{summary['champion']}.json")
-    assert (
-        summary["champion_test_accuracy"] == evaluation["per_seed"][str(chosen["mlflow_model_seed"])]["test_accuracy"]
-    )
+    champion, runs = story["champion"], story["runs"]
+    chosen = runs[f"train@{summary['champion']}"]
+    assert champion.run_id == chosen.info.run_id
+    assert runs["compare"].data.tags["champion_version"] == champion.version
+    model_seed = read(story, f"results/{summary['champion']}/train.json")["model_seed"]
+    assert chosen.data.tags["model_seed"] == str(model_seed)
 
 
 def test_second_repro_runs_nothing_and_logs_nothing(story):
@@ -187,13 +184,10 @@ def test_second_repro_runs_nothing_and_logs_nothing(story):
 
 
 def test_changing_one_variant_reruns_only_it_and_compare_and_leaves_the_champion(story):
-    assert stages_run(story["changed"]) == ["train@scratch", "compare"]
-    kept, redone = story["evaluation_keys_after_change"], story["evaluation_keys_before_change"]
-    assert kept["base"] == redone["base"] and kept["scratch"] != redone["scratch"]  # only the changed one re-evaluated
+    assert stages_run(story["changed"]) == ["train@scratch", "evaluate@scratch", "compare"]
     assert "up to date" in story["status_after_change"]
     assert story["champion_after_change"].version == story["champion"].version  # uncommitted params: challenger
-    assert story["compare_after_change"]["registered"]["alias"] == "challenger"
-    assert story["challenger"].version == str(story["compare_after_change"]["registered"]["version"])
+    assert story["compare_run_after_change"].data.tags["challenger_version"] == story["challenger"].version
 
 
 def test_report_shows_params_and_meaningful_metrics_diff_against_the_base(story):
@@ -212,6 +206,7 @@ def test_report_shows_params_and_meaningful_metrics_diff_against_the_base(story)
 def test_report_fails_when_no_variant_passes_unless_told_not_to(story):
     stages = stages_run(story["gates_changed"])
     assert "compare" in stages and not any(stage.startswith("train") for stage in stages)
+    assert {f"evaluate@{variant}" for variant in VARIANTS} <= set(stages)
     failing = story["failing_report"]
     assert failing.returncode == 1 and "no variant passes the train gates" in failing.stdout
     assert "evaluate.max_train_loss" in failing.stdout

@@ -1,4 +1,5 @@
-"""The embedded MLflow store: it moves with a copied repo, it is backed up and restored, and it fails in one line."""
+"""The embedded MLflow store: a copied repo logs into its own copy, the store is backed up and restored, and it
+fails in one line."""
 
 from __future__ import annotations
 
@@ -85,102 +86,97 @@ def global_tracking(monkeypatch):
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment, for subprocesses to inherit
 
 
-# --- relocation ---
+# --- a copied store: new runs beside the copy, nothing written into the original ---
 
 
-def test_a_copied_store_points_at_the_copy_and_loads_the_champion_from_it(repo_a, tmp_path, capsys, global_tracking):
+def tree(root: Path) -> dict[str, str]:
+    """Every file under `root` and its digest."""
+    return {path.relative_to(root).as_posix(): digest(path) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def register_champion(client, experiment_id: str, files: Path) -> None:
+    """A model logged in the active store's experiment, registered and moved to @champion, as compare does."""
+    run_id = client.create_run(experiment_id, run_name="compare").info.run_id
+    model_id = client.create_logged_model(experiment_id, name="model", source_run_id=run_id).model_id
+    files.mkdir()
+    for name, text in MODEL_FILES.items():
+        (files / name).write_text(text.replace("repo A", "repo B"))
+    client.log_model_artifacts(model_id, str(files))
+    client.finalize_logged_model(model_id, "READY")
+    client.set_terminated(run_id)
+    version = client.create_model_version("d2l-mlp", f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    client.set_registered_model_alias("d2l-mlp", "champion", version.version)
+
+
+def test_a_stage_in_a_copied_repo_logs_into_the_copy_and_writes_nothing_into_the_original(
+    repo_a, tmp_path, monkeypatch, global_tracking, capsys
+):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
     repo_b = copy_of(repo_a, tmp_path / "b")
-    before = digest(repo_a / "mlflow.db")
-    old_root, new_root = store.artifact_root(repo_a / "mlflow.db"), store.artifact_root(repo_b / "mlflow.db")
-    assert store.relocate(repo_b / "mlflow.db") == [old_root]
-    assert capsys.readouterr().out == f"relocated the MLflow store from {old_root} to {new_root}\n"
-    assert store.relocate(repo_b / "mlflow.db") == []  # nothing left to move
-
-    global_tracking.set_tracking_uri(sqlite_uri(repo_b))  # models:/ URIs resolve through the global URI
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("d2l-mlp")
-    run = client.search_runs([experiment.experiment_id])[0]
-    version = client.get_model_version_by_alias("d2l-mlp", "champion")
-    assert experiment.artifact_location == new_root
-    assert run.info.artifact_uri.startswith(new_root + "/")
-    model_id = version.source.removeprefix("models:/")
-    assert client.get_logged_model(model_id).artifact_location.startswith(new_root + "/")
-    with sqlite3.connect(repo_b / "mlflow.db") as connection:  # MLflow does not show where a version's files are
-        assert connection.execute("SELECT storage_location FROM model_versions").fetchall() == [
-            (client.get_logged_model(model_id).artifact_location,)
-        ]
-    assert client.get_experiment("0").artifact_location.endswith("/mlruns/0")  # not under mlartifacts: left alone
-
-    shutil.rmtree(repo_a / "mlartifacts")  # what B loads can only come from B
-    try:
-        champion = Path(download_artifacts("models:/d2l-mlp@champion", dst_path=str(tmp_path / "download")))
-        notes = Path(download_artifacts(run_id=run.info.run_id, artifact_path="notes.txt", dst_path=str(tmp_path)))
-    finally:
-        shutil.copytree(repo_b / "mlartifacts", repo_a / "mlartifacts")  # the module's repo A, as it was
-    assert {name: (champion / name).read_text() for name in MODEL_FILES} == MODEL_FILES
-    assert notes.read_text() == "notes of repo A"
-    assert digest(repo_a / "mlflow.db") == before
-
-
-def test_a_stage_in_a_copied_repo_logs_into_the_copy(repo_a, tmp_path, monkeypatch, global_tracking, capsys):
-    repo_b = copy_of(repo_a, tmp_path / "b")
+    before = {"db": digest(repo_a / "mlflow.db"), "artifacts": tree(repo_a / "mlartifacts")}
     monkeypatch.setenv("DVC_ROOT", str(repo_b))  # the workspace root, as under dvc repro
-    with tracking.stage_run("compare", "d2l-mlp") as run:
+    with tracking.logged_run("compare", "d2l-mlp") as run:
         global_tracking.log_text("logged in repo B", "compare.md")
-    out = capsys.readouterr().out
-    assert f"relocated the MLflow store from {store.artifact_root(repo_a / 'mlflow.db')}" in out
+        register_champion(MlflowClient(), run.info.experiment_id, tmp_path / "files")
+    copied_name = f"d2l-mlp (logged in {repo_a}, id 1)"
+    assert capsys.readouterr().out == (
+        f"MLflow experiment 'd2l-mlp' keeps its artifacts in another copy of this store "
+        f"({store.artifact_root(repo_a / 'mlflow.db')}): renamed it {copied_name!r}; "
+        f"new runs go to {store.artifact_root(repo_b / 'mlflow.db')}\n"
+    )
     assert (repo_b / f"mlartifacts/{run.info.run_id}/artifacts/compare.md").read_text() == "logged in repo B"
-    assert not (repo_a / f"mlartifacts/{run.info.run_id}").exists()
+    assert {"db": digest(repo_a / "mlflow.db"), "artifacts": tree(repo_a / "mlartifacts")} == before
     assert len(store.backups(repo_b / "mlflow.db")) == 1  # the stage backed the store up before MLflow opened it
 
+    client = MlflowClient()
+    copied = client.get_experiment_by_name(copied_name)  # the history, still read from where it was logged
+    notes = download_artifacts(
+        run_id=client.search_runs([copied.experiment_id])[0].info.run_id, artifact_path="notes.txt"
+    )
+    assert Path(notes).read_text() == "notes of repo A"
+    aside = repo_a.parent / "mlartifacts.aside"
+    (repo_a / "mlartifacts").rename(aside)  # what B registered can only come from B
+    try:
+        champion = Path(download_artifacts("models:/d2l-mlp@champion", dst_path=str(tmp_path / "download")))
+    finally:
+        aside.rename(repo_a / "mlartifacts")  # the module's repo A, as it was
+    assert (champion / "weights.bin").read_text() == "the weights of repo B"
+    with tracking.logged_run("compare", "d2l-mlp") as again:
+        pass
+    assert again.info.experiment_id == run.info.experiment_id and "renamed" not in capsys.readouterr().out
 
-def test_only_locations_under_the_old_mlartifacts_move(tmp_path):
-    db = tmp_path / "mlflow.db"
-    with sqlite3.connect(db) as connection:
-        connection.execute("CREATE TABLE experiments (artifact_location TEXT)")
-        connection.execute("CREATE TABLE runs (artifact_uri TEXT)")
-        connection.executemany(
-            "INSERT INTO experiments VALUES (?)",
-            [("file:///old/repo/mlartifacts",), ("file:///old/repo/mlruns/0",), ("s3://b/x",)],
-        )
-        connection.executemany(
-            "INSERT INTO runs VALUES (?)",
-            [
-                ("file:///old/repo/mlartifacts/1/artifacts",),
-                ("file:///old/repo/mlartifacts_2/1",),
-                ("file:///elsewhere/mlartifacts/1",),
-            ],
-        )
-    store.relocate(db)
-    new_root = store.artifact_root(db)
-    with sqlite3.connect(db) as connection:
-        assert [row[0] for row in connection.execute("SELECT * FROM experiments")] == [
-            new_root,
-            "file:///old/repo/mlruns/0",
-            "s3://b/x",
-        ]
-        assert [row[0] for row in connection.execute("SELECT * FROM runs")] == [
-            f"{new_root}/1/artifacts",
-            "file:///old/repo/mlartifacts_2/1",
-            "file:///elsewhere/mlartifacts/1",
-        ]
+
+@pytest.mark.parametrize(
+    ("location", "elsewhere"),
+    [
+        ("file:///old/repo/mlartifacts", True),
+        ("file:///old/repo/mlartifacts/", True),
+        ("file:///new/repo/mlartifacts", False),  # this store's own
+        ("file:///old/repo/mlruns/0", False),  # MLflow's Default experiment
+        ("file:///old/repo/mlartifacts_2", False),
+        ("s3://bucket/mlartifacts", False),  # chosen by a user
+        ("mlflow-artifacts:/mlartifacts", False),
+    ],
+)
+def test_only_experiments_made_beside_another_copy_of_the_store_are_set_aside(location, elsewhere):
+    assert tracking._logged_elsewhere(location, "file:///new/repo/mlartifacts") is elsewhere
 
 
 # --- compare refuses a champion whose files are gone ---
 
 
-def test_compare_refuses_a_model_whose_artifacts_are_missing(repo_a, tmp_path, global_tracking):
+def test_compare_refuses_a_model_whose_artifacts_are_missing(tmp_path, global_tracking):
     from pipeline.stages import compare
 
-    repo_b = copy_of(repo_a, tmp_path / "b")
-    store.relocate(repo_b / "mlflow.db")
-    global_tracking.set_tracking_uri(sqlite_uri(repo_b))
+    root = tmp_path / "repo"
+    root.mkdir()
+    make_store(root)
+    global_tracking.set_tracking_uri(sqlite_uri(root))
     model_uri = global_tracking.MlflowClient().get_model_version_by_alias("d2l-mlp", "champion").source
     compare._check_artifacts(model_uri)  # all there
-    shutil.rmtree(repo_b / "mlartifacts/models")
+    shutil.rmtree(root / "mlartifacts/models")
     with pytest.raises(PipelineError) as raised:
         compare._check_artifacts(model_uri)
     assert "\n" not in str(raised.value)
@@ -243,7 +239,7 @@ from pipeline.cli import stage_entry
 
 @stage_entry
 def main():
-    with tracking.stage_run("train", "d2l-mlp"):
+    with tracking.logged_run("train", "d2l-mlp"):
         import mlflow
 
         print("logging", flush=True)
@@ -261,7 +257,7 @@ from pipeline.cli import stage_entry
 
 @stage_entry
 def main():
-    with tracking.stage_run("train", "d2l-mlp"):
+    with tracking.logged_run("train", "d2l-mlp"):
         import mlflow
 
         mlflow.log_metric("a", 1.0)
@@ -312,7 +308,7 @@ def test_a_store_locked_by_another_process_fails_the_stage_in_one_line_and_the_n
     assert process.returncode == 2, stderr
     expected = f"error: MLflow tracking at sqlite:///{db} failed: (sqlite3.OperationalError) database is locked"
     assert stderr_lines(stderr) == [expected]
-    assert "RUNNING: the store is locked" in stdout  # not waiting 20 s more to end the run
+    assert "warning: could not end the MLflow run as FAILED: (sqlite3.OperationalError) database is locked" in stdout
     assert run_statuses(tmp_path) == ["RUNNING"]
     after = stage_process(ONE_STAGE, tmp_path)
     stdout, stderr = after.communicate(timeout=120)
@@ -331,7 +327,7 @@ def test_a_truncated_store_fails_the_stage_in_one_line_and_restore_brings_it_bac
     _, stderr = failed.communicate(timeout=120)
     assert failed.returncode == 2
     expected = (
-        f"error: MLflow tracking at sqlite:///{db} failed: database disk image is malformed; "
+        f"error: MLflow tracking at sqlite:///{db} failed: (sqlite3.DatabaseError) database disk image is malformed; "
         "python -m pipeline.store restore puts back the newest backup"
     )
     assert stderr_lines(stderr) == [expected]
@@ -349,4 +345,4 @@ def test_a_truncated_store_fails_the_stage_in_one_line_and_restore_brings_it_bac
     again = stage_process(ONE_STAGE, workspace)
     _, stderr = again.communicate(timeout=120)
     assert again.returncode == 0, stderr
-    assert run_statuses(workspace) == ["FINISHED", "FINISHED"]
+    assert run_statuses(workspace) == ["FINISHED"]  # in the copy's own experiment: repo A's run is set aside

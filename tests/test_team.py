@@ -7,6 +7,7 @@ Nothing is mocked. Every wait is bounded (a subprocess timeout or a deadline).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -180,12 +181,12 @@ def test_start_is_idempotent_and_status_says_where_without_secrets(stack):
 
 def test_pipeline_logs_every_stage_with_artifacts_through_the_server(stack, project):
     stages = set(re.findall(r"Running stage '([^']+)'", project["output"]))
-    assert stages == {"download", "prepare", "train@base", "compare", "init_scale", "linreg", "spiral"}
+    assert stages == {"download", "prepare", "train@base", "evaluate@base", "compare", "init_scale", "linreg", "spiral"}
     with mlflow_as(stack, "member") as client:
         runs = {run.info.run_name: run for run in all_runs(client)}
-        # compare adds the test figures to the variant's train run; the lessons and the study log to their own
+        # evaluate adds the test figures to the variant's train run; the lessons and the study log to their own
         # experiments; one nested seed run
-        assert set(runs) == {"download", "prepare", "train@base", "train@base seed 0", "compare"}
+        assert set(runs) == {"download", "prepare", "train@base", "train@base seed 0", "evaluate@base", "compare"}
         for name, run in runs.items():
             assert run.info.status == "FINISHED", name
             assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri  # proxied
@@ -271,8 +272,11 @@ def test_third_machine_gets_both_experiments_without_retraining(stack, project, 
         status = run_tool(["dvc", "status", "dvc.yaml"], c, env).stdout
         assert "up to date" in status, status  # every output is there and matches dvc.lock: nothing to retrain
         assert (c / "models/base/seed-0.pt").is_file()
-        train = json.loads((c / "results/base/train.json").read_text())
-        run_ids[name] = train["mlflow_run_id"]
+        digest = hashlib.md5((c / "results/base/train.json").read_bytes()).hexdigest()
+        with mlflow_as(stack, "member") as client:  # the output finds its run by the MD5 its runs are tagged with
+            (found,) = [run for run in all_runs(client) if run.info.run_name == "train@base"
+                        and run.data.tags.get("results_md5") == digest]  # fmt: skip
+        run_ids[name] = found.info.run_id
     with mlflow_as(stack, "member") as client:
         runs = all_runs(client)
         assert len(runs) == runs_before  # C ran nothing
@@ -280,8 +284,8 @@ def test_third_machine_gets_both_experiments_without_retraining(stack, project, 
         for name, lr in EXPERIMENTS.items():
             assert by_id[run_ids[name]].data.params["lr"] == lr and by_id[run_ids[name]].info.status == "FINISHED"
         assert all(run.info.status == "FINISHED" for run in runs)
-        # the seed's download, prepare, train@base, its seed run and compare; per experiment the last three
-        assert len(runs) == 5 + 3 * len(EXPERIMENTS)
+        # the seed's download, prepare, train@base, its seed run, evaluate@base and compare; per experiment the last 4
+        assert len(runs) == 6 + 4 * len(EXPERIMENTS)
         assert_lineage(client, runs, project["repo"], run_ids)
 
 
@@ -378,8 +382,6 @@ def test_wrong_password_fails_a_stage_with_one_line_naming_the_server(stack, tmp
             str(tmp_path / "linreg.json"),
             "--plot",
             str(tmp_path / "linreg.png"),
-            "--run-record",
-            str(tmp_path / "linreg.run.json"),
         ],
         cwd=REPO,
         env=stack.env(password="not-the-password"),
@@ -498,8 +500,6 @@ def test_postgres_stopped_while_a_stage_runs(stack, project, tmp_path):
             str(tmp_path / "linreg.json"),
             "--plot",
             str(tmp_path / "linreg.png"),
-            "--run-record",
-            str(tmp_path / "linreg.run.json"),
         ],
         project["repo"],
         stack.env(),
@@ -517,9 +517,9 @@ def test_mlflow_server_restarted_between_stages_the_pipeline_goes_on(stack, tiny
     stack.server("start", "mlflow")
     output = run_tool(["dvc", "repro", "prepare"], repo, stack.env(), timeout=300).stdout
     assert re.findall(r"Running stage '([^']+)'", output) == ["prepare"]
-    record = json.loads((repo / "data/raw/tiny.json").read_text())
     with mlflow_as(stack, "member") as client:
-        download = client.get_run(record["mlflow_run_id"])
+        downloads = [run for run in all_runs(client, FAULTS) if run.info.run_name == "download"]
+        download = max(downloads, key=lambda run: run.info.start_time)
         prepare = [
             run
             for run in all_runs(client, FAULTS)

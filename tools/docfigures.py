@@ -1,23 +1,34 @@
-"""Figures in README.md and docs/*.md traced to the committed files they come from.
+"""Figures in README.md and docs/*.md traced to the committed files they come from, and pages that read as plain text.
 
-A figure is annotated where it stands, with an HTML comment that rendered Markdown hides:
+A figure quoted in prose or a hand-made table is a Markdown reference link whose definition names its source;
+rendered, the figure links to its file, and the raw text stays short:
 
-    0.8721<!--fig reports/compare.json variants.d2l.test_accuracy_mean .4f-->
-    `d2l`<!--fig reports/compare.json selection.champion s-->
-    78.1<!--fig results/*/train.json per_seed.*.train_seconds|sum .1f--> s
+    d2l's settings reach [0.871][d2l test] mean test accuracy.
 
-FILE is JSON, YAML, CSV (rows by index) or Python (a module-level literal); a glob gives a list.
-KEY is a dotted path, spaces allowed (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with
-those fields), then filters: sum mean min max len abs, *N /N, *KEY /KEY (another
-value of the same file), atleast:N atmost:N (a goal: `met` or `not met`;
-`>` cannot stand in a comment's arguments).
-FORMAT is Python's format spec (`s` for text, which stands in backticks or **bold**).
-A table or lines copied from a file sit between `<!--include FILE table N-->` and `<!--/include-->`.
-A number that needs no source says why: `2 s<!--nofig MLflow's own constant-->`, or a paragraph or table
-starts with `<!--nofig-block why-->`.
+    [d2l test]: reports/compare.json "variants.d2l.test_accuracy_mean .3f"
 
-    python -m tools.docfigures --check   # list every figure that differs from its file (exit 1)
-    python -m tools.docfigures --write   # rewrite every annotated figure and include from its file
+The definition's path is relative to the page (as any link's is); its title is KEY FORMAT. KEY is a dotted path,
+spaces allowed (`*` maps over every item, `[w1_std=0.01,w2_std=1.0]` picks the one list item with those fields),
+then filters: sum mean min max len abs, *N /N, *KEY /KEY (another value of the same file), atleast:N atmost:N
+(a goal: `met` or `not met`). FORMAT is Python's format spec (`s` for text, which stands in backticks or **bold**:
+[`d2l`][champion]). FILE is JSON, YAML, CSV (rows by index) or Python (a module-level literal); a glob gives a list.
+The same figure may stand inline, `0.871<!--fig reports/compare.json variants.d2l.test_accuracy_mean .3f-->`, with
+FILE relative to the repository's root; the reference form keeps the page readable.
+
+A table copied from a report sits between `<!--include FILE table N-->` and `<!--/include-->` (FILE from the root;
+`FILE lines A-B` copies lines). A decimal, a percentage or a time in prose that comes from no file says why:
+`2 s<!--nofig MLflow's own constant-->`, or a paragraph or table starts with `<!--nofig-block why-->`; a constant
+can also stand as code (`lr 0.1`). Integers and section numbers need nothing.
+
+Two checks, because they fail for different reasons:
+- the pages' form (`form`): every figure-looking number sourced or excused, every reference defined, at most 5%
+  of a page inside comments, no prose line over 160 characters, README within 170 lines. It depends on the pages
+  only, so the fast test tier runs it.
+- freshness (`check`): every figure and include equals what its file says now. Committed results may be older than
+  the code, so this runs after the pipeline, in CI: `python -m tools.docfigures --check`.
+
+    python -m tools.docfigures --check   # both checks; list every problem (exit 1)
+    python -m tools.docfigures --write   # rewrite every figure and include from its file, then check the form
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import ast
 import csv
 import json
+import os
 import re
 import statistics
 import sys
@@ -35,17 +47,23 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMENT_SHARE = 0.05  # at most this share of a page's characters inside <!-- -->
+LINE_LIMIT = 160  # characters in a prose line (tables and code blocks may be wider)
+README_LINES = 170
 NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?%?"
-FIGURE = re.compile(rf"(?P<token>`[^`\n]*`|\*\*[^*\n]+\*\*|{NUMBER})<!--fig (?P<args>[^>]*?)-->")
+TOKEN = rf"`[^`\n]*`|\*\*[^*\n]+\*\*|{NUMBER}"
+FIGURE = re.compile(rf"(?P<token>{TOKEN})<!--fig (?P<args>[^>]*?)-->")
+REFERENCE = re.compile(rf"\[(?P<token>{TOKEN})\]\[(?P<label>[^\]\n]+)\]")
+DEFINITION = re.compile(r'(?m)^ {0,3}\[(?P<label>[^\]\n]+)\]:[ \t]+(?P<path>\S+)(?:[ \t]+"(?P<args>[^"\n]*)")?[ \t]*$')
 INCLUDE = re.compile(r"<!--include (?P<args>[^>]*?)-->\n(?P<body>.*?)<!--/include-->", re.S)
 UNIT = r"(?:\s?(?:s|ms|min|minutes?|seconds?|hours?|h|GB|MB|KB|kB|GiB|MiB|KiB|points?)\b|%|x(?![\w.]))"
 GROUP = rf"{NUMBER}(?:\s*(?:-|–|to|±)\s*{NUMBER})*{UNIT}?"
-# Figure-looking: a decimal, or an integer with a unit of time, size or share.
-LOOSE_FIGURE = re.compile(rf"(?<![\w.§])(?:\d+\.\d+|\d[\d,]*{UNIT})")
-# Not figures: versions (three parts, or after a tool's name), dates, the interval's level.
+# Figure-looking: a decimal, a percentage or a time. Integers alone are counts, and need no source.
+LOOSE_FIGURE = re.compile(r"(?<![\w.§])(?:\d+\.\d+|\d[\d,]*(?:%|\s?(?:s|ms|min|minutes?|seconds?|hours?)\b))")
+# Not figures: versions (three parts, or after a tool's name), dates, the interval's level, section numbers.
 NOT_FIGURES = re.compile(
     r"(?i)\b(?:python|mlflow|torch|pytorch|sqlalchemy|postgresql|dvc|numpy)\s+\d+(?:\.\d+)+\+?"
-    r"|\d+\.\d+\.\d+|\d{4}-\d{2}-\d{2}|\b95%(?=\s+(?:interval|CI|Student))"
+    r"|\d+\.\d+\.\d+|\d{4}-\d{2}-\d{2}|\b95%(?=\s+(?:interval|CI|Student))|\b(?:section|chapter)\s+\d+(?:\.\d+)+"
 )
 NOFIG = re.compile(rf"({GROUP})<!--nofig (?P<why>[^>]*?)-->")
 FILTERS = {"sum": sum, "mean": statistics.fmean, "min": min, "max": max, "len": len, "abs": abs}
@@ -236,26 +254,46 @@ def included(root: Path, args: str) -> str:
     return tables[int(parts[2]) - 1].rstrip("\n") + "\n"
 
 
-def refresh(root: Path, text: str) -> tuple[str, list[tuple[int, str]]]:
-    """The page with every figure and include rewritten from its file, and what could not be read."""
+def _label(text: str) -> str:
+    """A reference label as Markdown matches it: case and runs of spaces do not count."""
+    return " ".join(text.lower().split())
+
+
+def definitions(root: Path, page: Path, text: str) -> dict[str, tuple[str, str] | None]:
+    """Every reference definition on a page: a figure's (FILE from the root, KEY FORMAT), None for a plain link."""
+    folder = os.path.relpath(page.parent, root)
+    found: dict[str, tuple[str, str] | None] = {}
+    for match in DEFINITION.finditer(text):
+        local = not re.match(r"[a-z][a-z0-9+.-]*:|#", match["path"])
+        source = (Path(os.path.normpath(os.path.join(folder, match["path"]))).as_posix(), match["args"])
+        found.setdefault(_label(match["label"]), source if local and match["args"] else None)
+    return found
+
+
+def refresh(root: Path, page: Path, text: str) -> tuple[str, list[tuple[int, str]]]:
+    """The page with every figure and include rewritten from its file, and (line, error) for what could not be read."""
     errors: list[tuple[int, str]] = []
+    sources = definitions(root, page, text)
 
-    def figure(match: re.Match) -> str:
-        try:
-            return expected(root, match["args"], match["token"]) + f"<!--fig {match['args']}-->"
-        except FigureError as error:
-            errors.append((match.start(), str(error)))
+    def rewrite(pattern: re.Pattern, text: str, new) -> str:
+        def one(match: re.Match) -> str:
+            try:
+                return new(match)
+            except FigureError as error:
+                errors.append((text.count("\n", 0, match.start()) + 1, str(error)))
+                return match[0]
+
+        return pattern.sub(one, text)
+
+    def reference(match: re.Match) -> str:
+        source = sources.get(_label(match["label"]))
+        if source is None:  # a plain link; an undefined label is the form check's to report
             return match[0]
+        return f"[{expected(root, f'{source[0]} {source[1]}', match['token'])}][{match['label']}]"
 
-    def include(match: re.Match) -> str:
-        try:
-            body = included(root, match["args"])
-        except FigureError as error:
-            errors.append((match.start(), str(error)))
-            return match[0]
-        return f"<!--include {match['args']}-->\n{body}<!--/include-->"
-
-    return FIGURE.sub(figure, INCLUDE.sub(include, text)), errors
+    text = rewrite(INCLUDE, text, lambda m: f"<!--include {m['args']}-->\n{included(root, m['args'])}<!--/include-->")
+    text = rewrite(FIGURE, text, lambda m: expected(root, m["args"], m["token"]) + f"<!--fig {m['args']}-->")
+    return rewrite(REFERENCE, text, reference), errors
 
 
 def check(root: Path = ROOT) -> list[Problem]:
@@ -263,8 +301,8 @@ def check(root: Path = ROOT) -> list[Problem]:
     problems = []
     for page in pages(root):
         text, name = page.read_text(), str(page.relative_to(root))
-        fresh, errors = refresh(root, text)
-        problems += [Problem(name, text.count("\n", 0, at) + 1, message) for at, message in errors]
+        fresh, errors = refresh(root, page, text)
+        problems += [Problem(name, line, message) for line, message in errors]
         old_lines, new_lines = text.splitlines(), fresh.splitlines()
         if len(old_lines) != len(new_lines):
             problems.append(Problem(name, 1, "an include changes its length: run python -m tools.docfigures --write"))
@@ -277,9 +315,11 @@ def check(root: Path = ROOT) -> list[Problem]:
 
 def _changed(old: str, new: str) -> str:
     """The first differing figure on a line, as `page has X, file says Y`."""
-    for before, after in zip(FIGURE.finditer(old), FIGURE.finditer(new)):
-        if before["token"] != after["token"]:
-            return f"page has {before['token']}, {after['args'].split()[0]} says {after['token']}"
+    tokens = re.compile(f"{FIGURE.pattern}|{REFERENCE.pattern.replace('?P<token>', '?P<reference>')}")
+    for before, after in zip(tokens.finditer(old), tokens.finditer(new)):
+        was, now = before["token"] or before["reference"], after["token"] or after["reference"]
+        if was != now:
+            return f"page has {was}, its file says {now}"
     return "an included line differs from its file"
 
 
@@ -292,6 +332,8 @@ def mask(text: str) -> str:
         r"(?ms)^<!--nofig-block [^>]*\S[^>]*-->.*?(?=\n\s*\n|\Z)",
         NOFIG.pattern.replace("(?P<why>[^>]*?)", r"[^>]*\S[^>]*"),
         FIGURE.pattern,
+        REFERENCE.pattern,
+        DEFINITION.pattern,
         r"<!--.*?-->",
         r"`[^`\n]*`",
         r"\]\([^)]*\)",
@@ -303,38 +345,60 @@ def mask(text: str) -> str:
 
 
 def unsourced(root: Path = ROOT) -> list[Problem]:
-    """Figure-looking numbers in prose and tables with neither a source nor a reason."""
+    """Decimals, percentages and times in prose and tables with neither a source nor a reason."""
     problems = []
     for page in pages(root):
         prose = mask(page.read_text())
         for match in LOOSE_FIGURE.finditer(prose):
             line = prose.count("\n", 0, match.start()) + 1
-            problems.append(
-                Problem(str(page.relative_to(root)), line, f"{match[0]!r} has no <!--fig--> or <!--nofig-->")
-            )
+            message = f"{match[0]!r} has no source ([figure][label] and its definition) and no <!--nofig why-->"
+            problems.append(Problem(str(page.relative_to(root)), line, message))
     return problems
 
 
-def unnamed_machines(root: Path = ROOT) -> list[Problem]:
-    """Sections quoting a file that records its `machine` must quote that machine too."""
-    problems = []
+def prose_lines(text: str) -> list[tuple[int, str]]:
+    """(number, line) for every line outside fenced code blocks and tables."""
+    lines, fenced = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and not line.lstrip().startswith("|"):
+            lines.append((number, line))
+    return lines
+
+
+def comment_share(text: str) -> float:
+    """The share of a page's characters that sit inside <!-- -->, the delimiters included."""
+    return sum(len(comment) for comment in re.findall(r"<!--.*?-->", text, re.S)) / max(len(text), 1)
+
+
+def form(root: Path = ROOT) -> list[Problem]:
+    """What makes a page hard to read raw or a figure impossible to check, from the pages alone."""
+    problems = unsourced(root)
     for page in pages(root):
-        name = str(page.relative_to(root))
-        for section in re.split(r"(?m)^(?=#)", page.read_text()):
-            figures = [match["args"].split() for match in FIGURE.finditer(section)]
-            named = {parts[0] for parts in figures if parts[1:2] == ["machine"]}
-            for file in sorted({parts[0] for parts in figures} - named):
-                if _records_machine(root / file):
-                    heading = section.splitlines()[0] if section else ""
-                    problems.append(Problem(name, 1, f"{heading!r} quotes {file} but not its machine"))
+        text, name = page.read_text(), str(page.relative_to(root))
+        problems += [Problem(name, line, message) for line, message in page_form(root, page, text)]
     return problems
 
 
-def _records_machine(path: Path) -> bool:
-    try:
-        return path.exists() and path.suffix == ".json" and "machine" in json.loads(path.read_text())
-    except (json.JSONDecodeError, TypeError):
-        return False
+def page_form(root: Path, page: Path, text: str) -> list[tuple[int, str]]:
+    """(line, problem) for one page: its comment share, long prose lines, undefined references, README's length."""
+    problems = []
+    if comment_share(text) > COMMENT_SHARE:
+        problems.append((1, f"{comment_share(text):.1%} of the page is inside <!-- -->, at most {COMMENT_SHARE:.0%}"))
+    for number, line in prose_lines(text):
+        if len(line) > LINE_LIMIT:
+            problems.append((number, f"a prose line of {len(line)} characters, at most {LINE_LIMIT}"))
+    defined = definitions(root, page, text)
+    outside_code = re.sub(r"(?ms)^```.*?^```", lambda block: re.sub(r"[^\n]", " ", block[0]), text)
+    for match in REFERENCE.finditer(outside_code):
+        if _label(match["label"]) not in defined:
+            line = text.count("\n", 0, match.start()) + 1
+            problems.append((line, f"{match[0]} has no [{match['label']}]: definition"))
+    lines = text.count("\n")
+    if page == root / "README.md" and lines > README_LINES:
+        problems.append((README_LINES + 1, f"README has {lines} lines, at most {README_LINES}"))
+    return problems
 
 
 def write(root: Path = ROOT) -> list[Problem]:
@@ -342,8 +406,8 @@ def write(root: Path = ROOT) -> list[Problem]:
     problems = []
     for page in pages(root):
         text = page.read_text()
-        fresh, errors = refresh(root, text)
-        problems += [Problem(page.name, text.count("\n", 0, at) + 1, message) for at, message in errors]
+        fresh, errors = refresh(root, page, text)
+        problems += [Problem(str(page.relative_to(root)), line, message) for line, message in errors]
         if fresh != text:
             page.write_text(fresh)
     return problems
@@ -352,11 +416,10 @@ def write(root: Path = ROOT) -> list[Problem]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.docfigures", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true", help="report figures that differ from their files")
-    mode.add_argument("--write", action="store_true", help="rewrite figures from their files")
+    mode.add_argument("--check", action="store_true", help="report figures that differ from their files, and the form")
+    mode.add_argument("--write", action="store_true", help="rewrite figures from their files, then check the form")
     args = parser.parse_args(argv)
-    problems = write() if args.write else check()
-    problems += unsourced() + unnamed_machines()
+    problems = (write() if args.write else check()) + form()
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

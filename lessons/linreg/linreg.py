@@ -146,11 +146,10 @@ def draw_fit(path: Path, result: LinregResult) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of the recovered w and b")
-    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     parser.add_argument("--plot", type=Path, required=True, help="PNG of the loss and the fitted line")
     args = parser.parse_args()
     linreg_params = load_section(args.params, "linreg", LinregParams)
-    with tracking.stage_run("linreg", linreg_params.experiment) as mlflow_run:
+    with tracking.stage_run("linreg", linreg_params.experiment):
         import mlflow
 
         mlflow.log_params(dataclasses.asdict(linreg_params))
@@ -172,7 +171,6 @@ def main() -> None:
         draw_fit(args.plot, result)
         mlflow.log_artifact(str(args.plot), "linreg")
         write_json(args.metrics, metrics)
-        write_json(args.run_record, {"stage": "linreg", "mlflow_run_id": mlflow_run.info.run_id})
     print(f"w {metrics['w']} (error {metrics['w_error']}), b {metrics['b']:.6f} (error {metrics['b_error']:.2e})")
 
 

@@ -247,7 +247,6 @@ def log_curves(result: SpiralResult, run_id: str) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__, PARAMS)
     parser.add_argument("--metrics", type=Path, required=True, help="JSON of each model's accuracy")
-    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     parser.add_argument("--plot", type=Path, required=True, help="PNG grid of decision regions")
     args = parser.parse_args()
     spiral_params = load_section(args.params, "spiral", SpiralParams)
@@ -268,7 +267,6 @@ def main() -> None:
         draw_regions(args.plot, result)
         mlflow.log_artifact(str(args.plot), "spiral")
         write_json(args.metrics, metrics)
-        write_json(args.run_record, {"stage": "spiral", "mlflow_run_id": mlflow_run.info.run_id})
 
 
 if __name__ == "__main__":

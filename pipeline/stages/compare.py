@@ -1,13 +1,17 @@
-"""Stage `compare`: the test figures of the variants that changed, every pairwise verdict, the champion.
+"""Stage `compare`: every pairwise verdict between the variants, and the champion.
 
-Built from the files train wrote (one record per fact). For each variant whose training changed since its last
-evaluation it reads the test split once per seed (pipeline/evaluation.py); the others keep their evaluation.
-Every pair of variants gets a verdict on validation accuracy, paired by seed: better, worse, equivalent (two
-one-sided tests against compare.margin) or inconclusive, Bonferroni-corrected over all pairs (pipeline/stats.py).
+Built from the files train and evaluate wrote (one record per fact). Every pair of variants gets a verdict on
+validation accuracy, paired by seed and by image: better or worse (the 1 - alpha/m interval excludes 0),
+equivalent (two one-sided tests at alpha/m against compare.margin: the 1 - 2 alpha/m interval lies inside it) or
+inconclusive, with m the number of pairs (Bonferroni), so the chance of any wrong verdict is at most
+compare.alpha. The intervals' standard error comes from a paired bootstrap (compare.bootstrap resamples, a fixed
+seed) over the seeds and the validation images that evaluate recorded (pipeline/stats.py).
+
 The choice reads train and validation figures only: among the variants whose every seed passes the train gates,
 the best mean validation accuracy wins, and where other variants are equivalent to it, compare.prefer picks
 among them. The test gate and test accuracy are reported, never used to choose. Only a run of committed code
-outside DVC experiments moves the alias `champion`; any other registers its pick under `challenger`.
+outside DVC experiments moves the alias `champion`; any other registers its pick under `challenger` (the registry
+and the run say which).
 """
 
 from __future__ import annotations
@@ -15,27 +19,64 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline import cli, config, evaluation, stats
+from pipeline import cli, config, stats
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, pyplot, read_json, write_json, write_png, write_text
+from pipeline.files import pyplot, read_json, write_json, write_png, write_text
+
+if TYPE_CHECKING:
+    import torch
 
 
-def collect(params: config.Params, results: Path) -> dict[str, dict]:
-    """variant -> its train figures, mean history, and the params it changes from the defaults."""
+def collect(params: config.Params, results: Path, evaluations: Path) -> dict[str, dict]:
+    """variant -> its train figures, mean history, test evaluation, and the params it changes from the defaults."""
     defaults = dataclasses.asdict(params.train)
     rows = {}
     for name, variant in params.variants.items():
         changed = {key: value for key, value in dataclasses.asdict(variant).items() if defaults[key] != value}
+        evaluated = read_json(evaluations / f"{name}.json")
         rows[name] = {
             "train": read_json(results / name / "train.json"),
             "history": read_history(results / name / "history.csv"),
+            "eval": evaluated,
+            "validation_correct": validation_correctness(evaluated, evaluations / f"{name}.json", name),
             "changed": changed,
         }
+    _same_validation_images(rows, evaluations)
     return rows
+
+
+def validation_correctness(evaluated: dict, path: Path, variant: str) -> dict[str, torch.Tensor]:
+    """seed -> which validation images that seed's model got right, from the packed bits evaluate wrote."""
+    rerun = f"rerun: dvc repro -f -s evaluate@{variant}"
+    if not isinstance(evaluated.get("validation_correct"), dict) or not isinstance(
+        evaluated.get("validation_images"), int
+    ):
+        raise PipelineError(
+            f"{path}: no validation_correct and validation_images (an older evaluate wrote it); {rerun}"
+        )
+    try:
+        return {
+            seed: stats.unpack_bits(bits, evaluated["validation_images"])
+            for seed, bits in evaluated["validation_correct"].items()
+        }
+    except (TypeError, ValueError) as error:
+        raise PipelineError(
+            f"{path}: validation_correct is not packed bits of its validation_images ({error}); {rerun}"
+        ) from None
+
+
+def _same_validation_images(rows: dict[str, dict], evaluations: Path) -> None:
+    """Pairs are compared image by image, so every variant must have been evaluated on the same validation split."""
+    counts = {name: row["eval"]["validation_images"] for name, row in rows.items()}
+    if len(set(counts.values())) > 1:
+        raise PipelineError(
+            f"{evaluations}: validation_images differ between variants ({counts}); "
+            "rerun every evaluate on the same prepared data: dvc repro -f evaluate"
+        )
 
 
 def read_history(path: Path) -> list[dict]:
@@ -48,33 +89,6 @@ def read_history(path: Path) -> list[dict]:
         raise PipelineError(f"cannot read {path}: {error}") from None
 
 
-def evaluate_changed(params: config.Params, rows: dict, args) -> set[str]:
-    """Put each variant's evaluation in rows[name]["eval"]: kept from --evaluations where its key still matches,
-    else made now (the test split is loaded once, and only then). Returns the variants evaluated now."""
-    test, fresh = None, set()
-    for name, row in rows.items():
-        settings = evaluation_settings(params, name)
-        key = evaluation.cache_key(args.results / name / "train.json", args.models / name, args.test, settings)
-        kept = args.evaluations / f"{name}.json"
-        if kept.is_file() and read_json(kept).get("key") == key:
-            row["eval"] = read_json(kept)
-            continue
-        if test is None:
-            from pipeline.tensors import load_split
-
-            test = load_split(args.test)
-        row["eval"] = {
-            **evaluation.evaluate_variant(name, row["train"], args.models / name, test, settings),
-            "key": key,
-        }
-        fresh.add(name)
-    return fresh
-
-
-def evaluation_settings(params: config.Params, variant: str) -> dict:
-    return {"loss": params.variant(variant).loss, "thresholds": params.evaluate, "bootstrap": params.compare.bootstrap}
-
-
 def validation_accuracies(row: dict) -> dict[str, float]:
     """seed -> final validation accuracy, for the finite seeds that have one."""
     return {
@@ -85,19 +99,12 @@ def validation_accuracies(row: dict) -> dict[str, float]:
 
 
 def compare_pairs(rows: dict[str, dict], settings: config.CompareParams) -> list[dict]:
-    """Every pair (in params order), first minus second in validation accuracy, paired by seed, Bonferroni over all."""
+    """Every pair (in params order), first minus second in validation accuracy, paired by seed and image, by
+    stats.paired_bootstrap_comparisons with m = the number of pairs, so the family-wise error rate is alpha."""
     pairs = list(itertools.combinations(rows, 2))
-    comparisons = []
-    for first, second in pairs:
-        result = stats.paired_comparison(
-            validation_accuracies(rows[first]),
-            validation_accuracies(rows[second]),
-            settings.margin,
-            comparisons=len(pairs),
-            alpha=settings.alpha,
-        )
-        comparisons.append({"a": first, "b": second, **result})
-    return comparisons
+    correct = {name: row["validation_correct"] for name, row in rows.items()}
+    results = stats.paired_bootstrap_comparisons(correct, pairs, settings.margin, settings.alpha, settings.bootstrap)
+    return [{"a": first, "b": second, **result} for (first, second), result in zip(pairs, results)]
 
 
 def verdict_between(comparisons: list[dict], first: str, second: str) -> str:
@@ -166,15 +173,18 @@ def summary(rows: dict[str, dict], selection: dict, comparisons: list[dict], set
             "diverged_seeds": trained["diverged_seeds"],
             "epochs": _epochs(row),
         }
-    from pipeline.devices import machine
-
     return {
         "champion": selection["champion"],
-        "machine": machine(),  # training figures differ by CPU in the third decimal; the verdicts should not
         "selection": selection,
         "margin": settings.margin,
         "alpha": settings.alpha,
         "correction": f"Bonferroni over {len(comparisons)} comparisons",
+        "family_wise_error_rate": f"at most {settings.alpha}",
+        "bootstrap": {
+            "resamples": settings.bootstrap,
+            "seed": stats.BOOTSTRAP_SEED,
+            "resampled": "seeds and validation images, the same draws for both variants of a pair",
+        },
         "comparisons": comparisons,
         "variants": variants,
     }
@@ -198,7 +208,7 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: dict | None, curves: str) -> str:
+def markdown(rows: dict[str, dict], selection: dict, result: dict, curves: str) -> str:
     lines = [
         "# Variant comparison",
         "",
@@ -223,7 +233,7 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: d
             f"| {_pm(trained['train_loss_mean'], trained['train_loss_std'])} | {_gates(row)} | {_epochs(row)} "
             f"| {row['train'].get('precision', '-')} |"
         )
-    lines += ["", *comparison_lines(result), "", *selection_lines(selection, registered), ""]
+    lines += ["", *comparison_lines(result), "", *selection_lines(selection), ""]
     lines += [
         "Gates are d2l's `train_ch3` assertions (train loss < threshold, train and test accuracy > threshold), "
         "judged per seed; a diverged seed fails them all.",
@@ -235,38 +245,40 @@ def markdown(rows: dict[str, dict], selection: dict, result: dict, registered: d
 
 
 def comparison_lines(result: dict) -> list[str]:
-    confidence = result["comparisons"][0]["confidence"] if result["comparisons"] else None
+    """The pairwise table, headed by what its two intervals are and the error rate they keep."""
+    if not result["comparisons"]:
+        return ["Pairwise: one variant, nothing to compare."]
+    first = result["comparisons"][0]
+    wide, narrow = f"{first['difference_confidence']:.2%}", f"{first['equivalence_confidence']:.2%}"
     lines = [
-        f"Pairwise, validation accuracy (a - b), paired by seed; equivalent within ±{result['margin']} by two "
-        f"one-sided tests; {result['correction']}"
-        + (f", so each interval is a {confidence:.2%} t interval." if confidence else "."),
+        f"Pairwise, validation accuracy (a - b), paired by seed and image; {result['correction']} at a family-wise "
+        f"error rate of at most {result['alpha']}. better/worse: the {wide} interval excludes 0; equivalent: the "
+        f"{narrow} interval lies within ±{result['margin']} (two one-sided tests). Student t on the seeds, with a "
+        f"standard error from {result['bootstrap']['resamples']} bootstrap resamples of seeds and validation images.",
         "",
-        "| a | b | difference | interval | verdict |",
-        "|---|---|---|---|---|",
+        f"| a | b | difference | {wide} interval | {narrow} interval | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for comparison in result["comparisons"]:
-        interval = comparison["interval"]
-        span = f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "-"
         difference = comparison["difference_mean"]
         lines.append(
             f"| {comparison['a']} | {comparison['b']} | {'-' if difference is None else f'{difference:+.4f}'} "
-            f"| {span} | {comparison['verdict']} |"
+            f"| {_span(comparison['difference_interval'])} | {_span(comparison['equivalence_interval'])} "
+            f"| {comparison['verdict']} |"
         )
     return lines
 
 
-def selection_lines(selection: dict, registered: dict | None) -> list[str]:
+def _span(interval: list[float] | None) -> str:
+    return f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "-"
+
+
+def selection_lines(selection: dict) -> list[str]:
     if selection["champion"] is None:
         return [f"Champion: none ({selection['reason']})."]
     lines = [f"Champion: **{selection['champion']}** ({selection['reason']})."]
     if selection["equivalent"]:
         lines.append(f"Equivalent to {selection['best_by_mean']}: {', '.join(selection['equivalent'])}.")
-    if registered:
-        lines.append(
-            f"Registered `{registered['name']}` version {registered['version']} (seed {registered['seed']}, "
-            f"test accuracy {registered['champion_test_accuracy']:.4f}) under alias "
-            f"`{registered['alias']}`: {registered['why']}."
-        )
     return lines
 
 
@@ -320,15 +332,15 @@ def register(name: str, row: dict, registered_model: str, chosen_because: str | 
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import model_card, tracking
+    from pipeline import model_card, promotion, tracking
 
     trained = row["train"]
-    model_uri = trained["mlflow_model_uri"]
+    model_uri, run_id = row["model_uri"], row["run_id"]
     _check_artifacts(model_uri)
-    allowed, why = tracking.promotable()
+    allowed, why = promotion.promotable()
     alias = tracking.CHAMPION_ALIAS if allowed else tracking.CHALLENGER_ALIAS
     client = MlflowClient()
-    version = _existing_version(client, registered_model, alias, trained["mlflow_run_id"])
+    version = _existing_version(client, registered_model, alias, run_id)
     if version is None:
         version = mlflow.register_model(model_uri, registered_model, tags={"variant": name}).version
         client.set_registered_model_alias(registered_model, alias, version)
@@ -340,7 +352,7 @@ def register(name: str, row: dict, registered_model: str, chosen_because: str | 
         "alias": alias,
         "version": int(version),
         "model_uri": model_uri,
-        "seed": trained["mlflow_model_seed"],
+        "seed": trained["model_seed"],
         "variant": name,
         "why": why,
         "champion_test_accuracy": row["eval"]["model_seed_test_accuracy"],
@@ -362,7 +374,10 @@ def _check_artifacts(model_uri: str | None) -> None:
     import mlflow
 
     if not model_uri:
-        raise PipelineError("compare: the champion has no logged model (train.json has no mlflow_model_uri)")
+        raise PipelineError(
+            "compare: the champion has no logged model in this MLflow store (no train run made its train.json); "
+            "expected the store the training logged to (MLFLOW_TRACKING_URI), or rerun: dvc repro -f -s train@<variant>"
+        )
     try:
         files = [artifact.path for artifact in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)]
     except Exception as error:  # noqa: BLE001 - any failure means there is nothing to serve
@@ -377,71 +392,43 @@ def _check_artifacts(model_uri: str | None) -> None:
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--results", type=Path, required=True, help="directory of <variant>/{train.json,history.csv}")
-    parser.add_argument("--models", type=Path, required=True, help="directory of <variant>/seed-<s>.pt")
-    parser.add_argument("--test", type=Path, required=True, help="the prepared test split (test.pt)")
-    parser.add_argument("--evaluations", type=Path, required=True, help="directory of <variant>.json and its PNG")
-    parser.add_argument("--confusion", type=Path, required=True, help="directory of <variant>.json for dvc plots")
+    parser.add_argument("--evaluations", type=Path, required=True, help="directory of <variant>.json (evaluate)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: the few numbers DVC compares")
     parser.add_argument("--report", type=Path, required=True, help="Markdown table")
     parser.add_argument("--summary", type=Path, required=True, help="JSON: figures, verdicts and the selection")
     parser.add_argument("--curves", type=Path, required=True, help="PNG of all variants' curves")
     args = parser.parse_args()
     params = config.load(args.params)
-    rows = collect(params, args.results)
-    fresh = evaluate_changed(params, rows, args)
+    rows = collect(params, args.results, args.evaluations)
     comparisons = compare_pairs(rows, params.compare)
     selection = select(rows, comparisons, params.compare)
     result = summary(rows, selection, comparisons, params.compare)
+    report = markdown(rows, selection, result, args.curves.name)
+    draw_curves(args.curves, rows)
 
-    from pipeline import tracking
+    from pipeline import mlflow_runs, tracking
 
-    with tracking.stage_run("compare", params.mlflow.experiment) as mlflow_run:
+    with tracking.logged_run("compare", params.mlflow.experiment):
         import mlflow
 
-        from pipeline.datasets import class_names
-
-        names = class_names(params.data.dataset)
-        for name in fresh:
-            evaluation.log(rows[name]["train"], rows[name]["eval"], names)
-        draw_curves(args.curves, rows)
-        registered = None
         if selection["champion"] is not None:
             champion = selection["champion"]
+            run, _ = mlflow_runs.training_runs(champion, args.results / champion / "train.json")
+            rows[champion]["run_id"] = run and run.info.run_id
+            rows[champion]["model_uri"] = run and run.data.tags.get("model_uri")
             registered = register(champion, rows[champion], params.mlflow.registered_model, selection["reason"])
-            mlflow.set_tags(
-                {"champion": selection["champion"], f"{registered['alias']}_version": registered["version"]}
+            mlflow.set_tags({"champion": champion, f"{registered['alias']}_version": registered["version"]})
+            print(
+                f"registered {registered['name']} version {registered['version']} (seed {registered['seed']}) "
+                f"under alias {registered['alias']}: {registered['why']}"
             )
-        report = markdown(rows, selection, result, registered, args.curves.name)
-        result.update(
-            registered=registered,
-            mlflow_run_id=mlflow_run.info.run_id,
-            champion_test_accuracy=registered and registered["champion_test_accuracy"],
-            champion_model_uri=registered and registered["model_uri"],
-            champion_version=registered and registered["version"],
-        )
         mlflow.log_text(report, "compare.md")
         mlflow.log_artifact(str(args.curves))
         mlflow.log_dict(result, "compare.json")
-        write_evaluations(args, rows, fresh, names)
-        write_json(args.metrics, dvc_metrics(rows))
-        write_text(args.report, report)
-        write_json(args.summary, result)
+    write_json(args.metrics, dvc_metrics(rows))
+    write_text(args.report, report)
+    write_json(args.summary, result)
     print(report)
-
-
-def write_evaluations(args, rows: dict[str, dict], fresh: set[str], names: tuple[str, ...]) -> None:
-    """Each variant's evaluation and confusion matrix (PNG, and rows for dvc plots); kept ones are copied over."""
-    with atomic_dir(args.evaluations) as evaluations, atomic_dir(args.confusion) as confusion:
-        for name, row in rows.items():
-            matrix = row["eval"]["confusion"]
-            png = f"{name}-confusion.png"
-            if name in fresh or not (args.evaluations / png).is_file():
-                title = f"{name}: confusion matrix (test), seed {row['eval']['model_seed']}"
-                evaluation.draw_confusion(evaluations / png, matrix, names, title)
-            else:
-                shutil.copy2(args.evaluations / png, evaluations / png)
-            write_json(evaluations / f"{name}.json", row["eval"])
-            write_json(confusion / f"{name}.json", evaluation.confusion_records(matrix, names) if matrix else [])
 
 
 if __name__ == "__main__":

@@ -181,14 +181,17 @@ class Progress:
 def main() -> None:
     parser = cli.stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the four IDX files")
-    parser.add_argument("--record", type=Path, required=True, help="JSON: sources, hashes, MLflow run id")
+    parser.add_argument("--record", type=Path, required=True, help="JSON: each file's source, hash and size")
     args = parser.parse_args()
     params = config.load(args.params)
     spec = params.data.spec()
 
+    started = time.monotonic()
+    records = run(spec, args.out, params.data.timeout_s, params.data.min_kbytes_per_s)
+    seconds = time.monotonic() - started
     from pipeline import tracking
 
-    with tracking.stage_run("download", params.mlflow.experiment) as mlflow_run:
+    with tracking.logged_run("download", params.mlflow.experiment):
         import mlflow
 
         mlflow.log_params(
@@ -199,8 +202,6 @@ def main() -> None:
                 "min_kbytes_per_s": params.data.min_kbytes_per_s,
             }
         )
-        started = time.monotonic()
-        records = run(spec, args.out, params.data.timeout_s, params.data.min_kbytes_per_s)
         for kind, record in records.items():
             mlflow.log_params(
                 {
@@ -209,11 +210,9 @@ def main() -> None:
                     f"{kind}.bytes": record["bytes"],
                 }
             )
-        mlflow.log_metrics(
-            {"seconds": time.monotonic() - started, "bytes": sum(record["bytes"] for record in records.values())}
-        )
+        mlflow.log_metrics({"seconds": seconds, "bytes": sum(record["bytes"] for record in records.values())})
         mlflow.log_dict(records, "download.json")
-        write_json(args.record, {"mlflow_run_id": mlflow_run.info.run_id, "files": records})
+    write_json(args.record, {"files": records})
 
 
 if __name__ == "__main__":

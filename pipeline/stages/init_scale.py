@@ -1,6 +1,6 @@
 """Stage `init_scale`: why N(0, 0.01) trains and N(0, 1) does not, measured across init scales.
 
-d2l's MLP (train's hidden width, lr, batch size, precision and device) starts from each point of
+d2l's MLP (train's hidden width, lr, batch size and device; the study's own precision) starts from each point of
 params.yaml's `init_scale`: W1 and W2 ~ N(0, std^2) on a log grid, mixed pairs (W1 scaled, W2 not), and
 nn.Linear's own default init. Every point and seed trains as one batched computation (pipeline/batched.py),
 each model with its own init and shuffling, for init_scale.epochs; the figures at each report epoch come from
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import batched, cli, config, cpu
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
-from pipeline.devices import machine, resolve_device
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.stats import mean_and_std
@@ -59,70 +58,63 @@ def points(study: config.InitScaleParams) -> list[Point]:
     return grid + mixed + ([Point("pytorch default", None, None)] if study.pytorch_default else [])
 
 
-@torch.no_grad()
-def diagnose(group: batched.Stack, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-    """Each model's figures on one batch of images (fp32, one hidden layer): DIAGNOSTICS -> [M] tensors.
-    logit_step is how far one SGD step at `lr` on this batch's mean loss moves the logits (root mean square):
-    the learning rate as the function feels it."""
-    (w1, w2), (b1, b2) = group.weights, group.biases
-    count, inputs = len(labels), images.expand(len(w1), *images.shape)
-    hidden, logits = _forward(inputs, w1, b1, w2, b2)
-    log_probabilities = logits.log_softmax(-1)
-    targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-    grad_logits = (log_probabilities.exp() - targets) / count  # d(mean loss)/d(logits)
-    grad_hidden = torch.bmm(grad_logits, w2.transpose(1, 2)) * (hidden > 0)
-    grad_w1, grad_w2 = torch.bmm(inputs.transpose(1, 2), grad_hidden), torch.bmm(hidden.transpose(1, 2), grad_logits)
-    _, stepped = _forward(
-        inputs, w1 - lr * grad_w1, b1 - lr * grad_hidden.sum(1), w2 - lr * grad_w2, b2 - lr * grad_logits.sum(1)
-    )
-    return {
-        "loss": -(log_probabilities * targets).sum((1, 2)) / count,
-        "logit_std": logits.flatten(1).std(1),
-        "logit_step": (stepped - logits).flatten(1).pow(2).mean(1).sqrt(),
-        "saturated_fraction": (log_probabilities.amax(-1).exp() > SATURATED).float().mean(1),
-        "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
-        "grad_norm_w1": grad_w1.flatten(1).norm(dim=1),
-        "grad_norm_w2": grad_w2.flatten(1).norm(dim=1),
-        "weight_norm_w1": w1.flatten(1).norm(dim=1),
-        "weight_norm_w2": w2.flatten(1).norm(dim=1),
-    }
-
-
-def _forward(inputs, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden activations and logits of the stacked one-hidden-layer MLPs."""
-    hidden = torch.baddbmm(b1.unsqueeze(1), inputs, w1).relu_()
-    return hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2)
+def diagnose(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    """Each model's figures on one batch of images (fp32, one hidden layer), by autograd: DIAGNOSTICS -> [M].
+    logit_step is how far one gradient step at `lr` on this batch's mean loss moves the logits (root mean
+    square): the learning rate as the function feels it, on the probe rather than on a minibatch."""
+    parameters = [tensor.detach().clone().requires_grad_() for tensor in models.parameters()]
+    layers = len(models.weights)
+    probe = batched.Stack(parameters[:layers], parameters[layers:], models.activation)
+    inputs = images.expand(models.models, *images.shape)
+    logits = batched.forward(probe, inputs)
+    losses = batched.example_losses(logits, labels.expand(models.models, -1)).mean(1)
+    gradients = torch.autograd.grad(losses.sum(), parameters)
+    with torch.no_grad():
+        stepped = [parameter - lr * gradient for parameter, gradient in zip(parameters, gradients)]
+        moved = batched.forward(batched.Stack(stepped[:layers], stepped[layers:], models.activation), inputs) - logits
+        hidden = torch.baddbmm(probe.biases[0].unsqueeze(1), inputs, probe.weights[0])
+        top = logits.softmax(-1).amax(-1)
+        return {
+            "loss": losses.detach(),
+            "logit_std": logits.flatten(1).std(1),
+            "logit_step": moved.flatten(1).pow(2).mean(1).sqrt(),
+            "saturated_fraction": (top > SATURATED).float().mean(1),
+            "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
+            "grad_norm_w1": gradients[0].flatten(1).norm(dim=1),
+            "grad_norm_w2": gradients[1].flatten(1).norm(dim=1),
+            "weight_norm_w1": probe.weights[0].detach().flatten(1).norm(dim=1),
+            "weight_norm_w2": probe.weights[1].detach().flatten(1).norm(dim=1),
+        }
 
 
 def train(
     study: config.InitScaleParams, train_params: config.TrainParams, data: dict, report=lambda records: None
-) -> tuple[list[tuple[Point, int]], list[list[dict]], str]:
+) -> tuple[list[tuple[Point, int]], list[list[dict]]]:
     """Every (point, seed) trained together; per model, one record per epoch (epoch 0 is at init)."""
     device = resolve_device(train_params.device)
-    precision = batched.resolve_precision(train_params.precision, device)
     models = [(point, seed) for point in points(study) for seed in study.seeds]
     nets = [initial_net(point, seed, train_params.hidden, device) for point, seed in models]
     group = batched.stack(nets, device)
+    step = batched.optimizer("sgd", group, train_params.lr)
     (train_images, train_labels), validation = (
         (x.to(device), y.to(device)) for x, y in (data["train"], data["validation"])
     )
     probe = tuple(tensor[: study.probe] for tensor in (train_images, train_labels))
     shuffles = [torch.Generator(device=device).manual_seed(seed) for _, seed in models]
     histories: list[list[dict]] = [[] for _ in models]
-    full_loss = batched.evaluate(group, train_images, train_labels)[0]  # epoch 0: the train loss at init
+    full_loss = batched.evaluate(group, train_images, train_labels).loss  # epoch 0: the train loss at init
     measure = lambda: _measure(group, probe, validation, train_params.lr)  # noqa: E731 - the same four, each epoch
     _record(histories, 0, full_loss.tolist(), *measure(), 0.0)
     report([history[-1] for history in histories])
-    inputs = batched.as_inputs(train_images, precision)  # converted once, not every epoch
     for epoch in range(1, study.epochs + 1):
         started = time.perf_counter()
-        step_losses, _ = batched.sgd_epoch(
-            group, train_params.lr, inputs, train_labels, train_params.batch_size, shuffles, precision
+        step_losses, _ = batched.train_epoch(
+            group, step, train_images, train_labels, train_params.batch_size, shuffles, "cross_entropy", study.precision
         )
         train_loss = (step_losses.sum(1) / len(train_labels)).tolist()
         _record(histories, epoch, train_loss, *measure(), time.perf_counter() - started)
         report([history[-1] for history in histories])
-    return models, histories, precision
+    return models, histories
 
 
 def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.device) -> torch.nn.Module:
@@ -134,7 +126,7 @@ def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.
 def _measure(group: batched.Stack, probe: tuple, validation: tuple, lr: float) -> tuple[dict, list]:
     """The probe's diagnostics and the validation accuracy of every model, as lists."""
     figures = {name: values.tolist() for name, values in diagnose(group, *probe, lr).items()}
-    accuracy = batched.evaluate(group, *validation)[1].tolist() if len(validation[1]) else [None] * group.models
+    accuracy = batched.evaluate(group, *validation).accuracy.tolist() if len(validation[1]) else [None] * group.models
     return figures, accuracy
 
 
@@ -269,7 +261,7 @@ def markdown(summary: dict) -> str:
         f"Mean (± std) over seeds {summary['points'][0]['seeds']}; at init on {summary['probe_images']} train images: "
         "the logits' std, the fraction of images whose top softmax probability exceeds 0.99 (saturated), and how "
         f"far one SGD step at lr {summary['lr']} moves the logits (logit step, root mean square). Loss gate: the "
-        f"fraction of seeds with {summary['loss_gate']}. Precision {summary['precision']}, on {summary['machine']}.",
+        f"fraction of seeds with {summary['loss_gate']}. Precision {summary['precision']}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -339,16 +331,42 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load(args.params)
     data = {split: load_split(args.data / f"{split}.pt") for split in ("train", "validation")}
-    from pipeline import tracking
-
     study, train_params = params.init_scale, params.train
     if study is None:
         raise PipelineError(f"init_scale: {args.params} has no init_scale section; expected the study's points")
-    models = [(point, seed) for point in points(study) for seed in study.seeds]
-    with tracking.stage_run("init_scale", study.experiment) as parent:
-        import mlflow
-        from mlflow.entities import Metric, Param
+    with cpu.shared_threads():
+        models, histories = train(study, train_params, data, lambda records: print_epoch(models_of(study), records))
+    summary = {
+        "points": summarize(study, models, histories, params.evaluate.max_train_loss),
+        "loss_gate": f"train loss < {params.evaluate.max_train_loss}",
+        "probe_images": min(study.probe, len(data["train"][1])),
+        "lr": train_params.lr,
+        "batch_size": train_params.batch_size,
+        "hidden": list(train_params.hidden),
+        "epochs": study.epochs,
+        "precision": study.precision,
+        "device": resolve_device(train_params.device).type,
+        "mlflow_experiment": study.experiment,
+    }
+    table = markdown(summary)
+    draw(args.plot, summary["points"], study.report_epochs)
+    log_runs(study, train_params, models, histories, summary, table, args.plot)
+    write_text(args.table, table)
+    write_json(args.report, summary)
 
+
+def models_of(study: config.InitScaleParams) -> list[tuple[Point, int]]:
+    return [(point, seed) for point in points(study) for seed in study.seeds]
+
+
+def log_runs(study, train_params, models, histories, summary: dict, table: str, plot: Path) -> None:
+    """The study's run and one nested run per point and seed (epochs with step=epoch), in one short step."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from pipeline import tracking
+
+    with tracking.logged_run("init_scale", study.experiment) as parent:
         mlflow.log_params(
             {
                 "points": len(points(study)),
@@ -357,60 +375,32 @@ def main() -> None:
                 "lr": train_params.lr,
                 "batch_size": train_params.batch_size,
                 "hidden": list(train_params.hidden),
+                "precision": study.precision,
             }
         )
-        tags = tracking.lineage_tags("init_scale")
-        runs = {index: (run_name(point, seed), tags) for index, (point, seed) in enumerate(models)}
-        with tracking.child_runs(runs) as run_ids:
-            client = mlflow.MlflowClient()
-            for index, (point, seed) in enumerate(models):
-                figures = run_params(point, seed, study)
-                client.log_batch(run_ids[index], params=[Param(key, str(value)) for key, value in figures.items()])
-
-            def report(records: list[dict]) -> None:
-                print_epoch(models, records)
-                now = int(time.time() * 1000)
-                for index, record in enumerate(records):
-                    metrics = [
-                        Metric(key, value, now, record["epoch"])
-                        for key, value in record.items()
-                        if key not in ("epoch", "seconds") and value is not None
-                    ]
-                    client.log_batch(run_ids[index], metrics=metrics)
-
-            with cpu.shared_threads():
-                models, histories, precision = train(study, train_params, data, report)
-            now = int(time.time() * 1000)
-            for index, history in enumerate(histories):
-                at = [
-                    Metric(f"{key}_at_{epoch}", history[epoch][key], now, 0)
-                    for epoch in study.report_epochs
-                    for key in ("train_loss", "validation_accuracy")
-                    if history[epoch][key] is not None
-                ]
-                client.log_batch(run_ids[index], metrics=at, params=[Param("precision", precision)])
-        summary = {
-            "points": summarize(study, models, histories, params.evaluate.max_train_loss),
-            "loss_gate": f"train loss < {params.evaluate.max_train_loss}",
-            "probe_images": min(study.probe, len(data["train"][1])),
-            "lr": train_params.lr,
-            "batch_size": train_params.batch_size,
-            "hidden": list(train_params.hidden),
-            "epochs": study.epochs,
-            "precision": precision,
-            "device": str(resolve_device(train_params.device)),
-            "machine": machine(resolve_device(train_params.device)),
-            "train_seconds": sum(record["seconds"] for record in histories[0]),  # all models together
-            "mlflow_experiment": study.experiment,
-            "mlflow_run_id": parent.info.run_id,
-        }
-        draw(args.plot, summary["points"], study.report_epochs)
-        mlflow.log_artifact(str(args.plot))
-        table = markdown(summary)
+        mlflow.log_metric("train_seconds", sum(record["seconds"] for record in histories[0]))
+        client, now = mlflow.MlflowClient(), int(time.time() * 1000)
+        tags = {**tracking.lineage_tags("init_scale"), "mlflow.parentRunId": parent.info.run_id}
+        for (point, seed), history in zip(models, histories):
+            run = client.create_run(parent.info.experiment_id, run_name=run_name(point, seed), tags=tags)
+            metrics = [
+                Metric(key, value, now, record["epoch"])
+                for record in history
+                for key, value in record.items()
+                if key not in ("epoch", "seconds") and value is not None
+            ]
+            metrics += [
+                Metric(f"{key}_at_{epoch}", history[epoch][key], now, 0)
+                for epoch in study.report_epochs
+                for key in ("train_loss", "validation_accuracy")
+                if history[epoch][key] is not None
+            ]
+            figures = {**run_params(point, seed, study), "precision": study.precision}
+            client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in figures.items()])
+            client.set_terminated(run.info.run_id, "FINISHED")
+        mlflow.log_artifact(str(plot))
         mlflow.log_dict(summary, "init_scale.json")
         mlflow.log_text(table, "init_scale.md")
-        write_text(args.table, table)
-        write_json(args.report, summary)
 
 
 if __name__ == "__main__":

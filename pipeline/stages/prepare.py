@@ -113,27 +113,27 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, required=True, help="directory of the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="directory for train.pt, validation.pt and test.pt")
     parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: split sizes and normalization")
-    parser.add_argument("--run-record", type=Path, required=True, help="JSON with the MLflow run id (lineage)")
     args = parser.parse_args()
     params = config.load(args.params)
 
+    started = time.monotonic()
+    stats = {
+        "dataset": params.data.dataset,
+        **run(
+            args.raw,
+            args.out,
+            params.prepare.normalize,
+            params.prepare.validation,
+            params.prepare.seed,
+            params.data.spec().counts,
+        ),
+    }
+    seconds = time.monotonic() - started
     from pipeline import tracking
 
-    with tracking.stage_run("prepare", params.mlflow.experiment) as mlflow_run:
+    with tracking.logged_run("prepare", params.mlflow.experiment):
         import mlflow
 
-        started = time.monotonic()
-        stats = {
-            "dataset": params.data.dataset,
-            **run(
-                args.raw,
-                args.out,
-                params.prepare.normalize,
-                params.prepare.validation,
-                params.prepare.seed,
-                params.data.spec().counts,
-            ),
-        }
         mlflow.log_params(
             {
                 "dataset": params.data.dataset,
@@ -143,14 +143,13 @@ def main() -> None:
             }
         )
         mlflow.log_metrics({key: stats[key] for key in ("mean", "std", *(f"{s}_count" for s in SPLITS))})
-        mlflow.log_metric("seconds", time.monotonic() - started)
+        mlflow.log_metric("seconds", seconds)
         mlflow.log_dict(stats, "stats.json")
-        write_json(args.stats, stats)
-        write_json(args.run_record, {"stage": "prepare", "mlflow_run_id": mlflow_run.info.run_id})
-        print(
-            f"prepared {stats['train_count']} train / {stats['validation_count']} validation / "
-            f"{stats['test_count']} test images, mean {stats['mean']:.4f}, std {stats['std']:.4f}"
-        )
+    write_json(args.stats, stats)
+    print(
+        f"prepared {stats['train_count']} train / {stats['validation_count']} validation / "
+        f"{stats['test_count']} test images, mean {stats['mean']:.4f}, std {stats['std']:.4f}"
+    )
 
 
 if __name__ == "__main__":
