@@ -393,8 +393,6 @@ def test_a_request_never_moves_the_champion_and_registers_a_challenger(story):
     assert request["result"].returncode == 0, output(request)[-4000:]
     assert request["registry"]["champion"] == before["champion"] == story["main"]["registry"]["champion"]
     assert request["registry"]["challenger"] is not None
-    summary = json.loads((request["runner"] / "reports/compare.json").read_text())
-    assert summary["registered"]["alias"] == "challenger"
     assert set(request["branches"]) == {*story["merged"]["branches"], "feature"}  # the request's job pushed none
 
 
