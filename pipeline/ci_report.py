@@ -127,6 +127,17 @@ def _field(content: Any, axis: str) -> str | None:
     return next((found for value in values if (found := _field(value, axis))), None)
 
 
+def _marks(content: Any) -> set[str]:
+    """Every mark type a Vega-Lite spec draws (`"mark": "line"` or `"mark": {"type": "rect"}`)."""
+    if isinstance(content, list):
+        return set().union(*map(_marks, content)) if content else set()
+    if not isinstance(content, dict):
+        return set()
+    mark = content.get("mark")
+    own = {mark} if isinstance(mark, str) else {mark.get("type")} if isinstance(mark, dict) else set()
+    return own.union(*map(_marks, content.values()))
+
+
 def _number(value: Any) -> float | None:
     try:
         return float(value)
@@ -151,7 +162,8 @@ def draw_vega(plot_id: str, entry: dict, path: Path) -> bool:
     if len({json.dumps(value) for value in by_revision.values()}) < 2:
         return False
     numeric = all(_number(x) is not None for points in series.values() for x, _ in points)
-    (_draw_curves if numeric else _draw_matrices)(plot_id, series, entry["revisions"], (x_field, y_field), path)
+    matrix = "rect" in _marks(entry["content"]) or not numeric  # DVC's confusion templates draw rects
+    (_draw_matrices if matrix else _draw_curves)(plot_id, series, entry["revisions"], (x_field, y_field), path)
     return True
 
 
@@ -184,19 +196,32 @@ def _draw_matrices(plot_id: str, series: dict, revisions: list[str], fields: tup
     figure, axes = plt.subplots(len(names), len(revisions), figsize=(3 * len(revisions), 3 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         for column, rev in enumerate(revisions):
-            pairs = series.get((rev, name), [])
-            labels = sorted({str(value) for pair in pairs for value in pair})
-            index = {label: position for position, label in enumerate(labels)}
-            counts = [[0] * len(labels) for _ in labels]
-            for x, y in pairs:
-                counts[index[str(y)]][index[str(x)]] += 1
+            labels, counts = _counts(series.get((rev, name), []))
             axis = axes[row][column]
             axis.imshow(counts or [[0]], cmap="Blues")
-            axis.set(title=f"{name} ({_revision_label(rev)})", xlabel=fields[0], ylabel=fields[1])
-            axis.tick_params(labelsize=6)
+            axis.set_xticks(range(len(labels)), labels, fontsize=6)
+            axis.set_yticks(range(len(labels)), labels, fontsize=6)
+            title = f"{name} ({_revision_label(rev)})" if name else _revision_label(rev)
+            axis.set(title=title, xlabel=fields[0], ylabel=fields[1])
     figure.suptitle(plot_id)
     figure.tight_layout()
     write_png(path, figure)
+
+
+def _counts(pairs: list[tuple[Any, Any]]) -> tuple[list[str], list[list[int]]]:
+    """A confusion matrix from (x, y) records: the labels, and counts[y][x]."""
+    labels = sorted({str(value) for pair in pairs for value in pair}, key=_label_order)
+    index = {label: position for position, label in enumerate(labels)}
+    counts = [[0] * len(labels) for _ in labels]
+    for x, y in pairs:
+        counts[index[str(y)]][index[str(x)]] += 1
+    return labels, counts
+
+
+def _label_order(label: str) -> tuple:
+    """Numeric labels by value (2 before 10), then the rest by name."""
+    number = _number(label)
+    return (number is None, number or 0.0, label)
 
 
 def draw_images(plot_id: str, entries: list[dict], path: Path) -> bool:
