@@ -40,6 +40,24 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.embedded_db()}"
 
 
+def check_reachable(timeout_s: float = 10.0) -> None:
+    """Fail in seconds, before any work, when the tracking server does not answer: a stage logs only once its
+    figures exist, and minutes of training should not end in an unreachable store. Local stores need no check."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a server behind authentication may refuse /health): the store is there
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise PipelineError(f"MLflow tracking at {uri} failed: the server does not answer ({reason})") from None
+
+
 def _git(*args: str) -> str | None:
     try:
         result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)

@@ -22,7 +22,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import cli, config, stats
+from pipeline import cli, config, stats, tracking
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, read_json, write_json, write_png, write_text
@@ -399,6 +399,7 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, required=True, help="PNG of all variants' curves")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     rows = collect(params, args.results, args.evaluations)
     comparisons = compare_pairs(rows, params.compare)
     selection = select(rows, comparisons, params.compare)
@@ -406,7 +407,7 @@ def main() -> None:
     report = markdown(rows, selection, result, args.curves.name)
     draw_curves(args.curves, rows)
 
-    from pipeline import mlflow_runs, tracking
+    from pipeline import mlflow_runs
 
     with tracking.logged_run("compare", params.mlflow.experiment):
         import mlflow

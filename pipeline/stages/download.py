@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import cli, config, idx
+from pipeline import cli, config, idx, tracking
 from pipeline.cli import stage_entry
 from pipeline.datasets import FILE_KINDS, DatasetSpec
 from pipeline.errors import PipelineError
@@ -184,13 +184,12 @@ def main() -> None:
     parser.add_argument("--record", type=Path, required=True, help="JSON: each file's source, hash and size")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     spec = params.data.spec()
 
     started = time.monotonic()
     records = run(spec, args.out, params.data.timeout_s, params.data.min_kbytes_per_s)
     seconds = time.monotonic() - started
-    from pipeline import tracking
-
     with tracking.logged_run("download", params.mlflow.experiment):
         import mlflow
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import cli, config, evaluation
+from pipeline import cli, config, evaluation, tracking
 from pipeline.cli import stage_entry
 from pipeline.files import read_json, write_json
 from pipeline.tensors import load_split
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the served seed's confusion matrix")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     report = run(params, args.variant, args.summary, args.models, args.test, args.validation)
     from pipeline.datasets import class_names
 
@@ -50,7 +51,7 @@ def main() -> None:
     evaluation.draw_confusion(args.plot, matrix, names, title)
     write_json(args.confusion, evaluation.confusion_records(matrix, names) if matrix else [])
 
-    from pipeline import mlflow_runs, tracking
+    from pipeline import mlflow_runs
 
     with tracking.logged_run("evaluate", params.mlflow.experiment, variant=args.variant):
         import mlflow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cli, config, idx
+from pipeline import cli, config, idx, tracking
 from pipeline.cli import stage_entry
 from pipeline.datasets import FILE_KINDS
 from pipeline.errors import PipelineError
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--stats", type=Path, required=True, help="JSON metrics: split sizes and normalization")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
 
     started = time.monotonic()
     stats = {
@@ -129,8 +130,6 @@ def main() -> None:
         ),
     }
     seconds = time.monotonic() - started
-    from pipeline import tracking
-
     with tracking.logged_run("prepare", params.mlflow.experiment):
         import mlflow
 

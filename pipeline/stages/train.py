@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import batched, checkpoints, cli, config, cpu
+from pipeline import batched, checkpoints, cli, config, cpu, tracking
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
@@ -320,6 +320,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     train_params = params.variant(args.variant)
     train_data, validation_data = (load_split(args.data / f"{split}.pt") for split in ("train", "validation"))
     resolve_device(train_params.device)  # fail on a missing device before any work
