@@ -451,4 +451,4 @@ def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["train@base"] == yaml.safe_load(lock_before)["stages"]["train@base"]
     assert snapshot(outputs) == before  # nothing lost: the previous results are still in place
-    assert statuses(env["MLFLOW_TRACKING_URI"], since=started)["train@base"] == "FAILED"
+    assert "train@base" not in statuses(env["MLFLOW_TRACKING_URI"], since=started)  # it failed before logging
