@@ -119,6 +119,9 @@ class InitScaleParams:
     report_epochs: Annotated[tuple[Count, ...], Field(min_length=1), AfterValidator(distinct)]
     probe: Count
     precision: Literal["fp32", "bf16"] = "fp32"
+    trace_every: Count = 10  # epoch 1's trace: a record every this many steps
+    sharpness_epochs: tuple[NonNegativeInteger, ...] = (0, 1, 10)  # top Hessian eigenvalue at these epochs
+    sharpness_iterations: Count = 20  # power-iteration steps
 
 
 @params_class
