@@ -19,16 +19,37 @@ own inputs, [0, 1]); whichever prepare wrote is used as is, the other is derived
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline import batched
 from pipeline import model as mlp
 from pipeline.errors import PipelineError
+from pipeline.stats import mean_and_std
+from pipeline.tensors import load_split
 
 INPUTS = ("standardized", "pixels")
+
+
+@dataclass(frozen=True)
+class Point:
+    """An init: W1 and W2 ~ N(0, std^2), zero biases; None for nn.Linear's default init of that layer."""
+
+    label: str
+    w1_std: float | None
+    w2_std: float | None
+
+
+def init_points(stds: tuple[float, ...], mixed: tuple, pytorch_default: bool) -> list[Point]:
+    """The study's grid (W1 and W2 alike), then the mixed pairs, then PyTorch's default, in params.yaml's order."""
+    grid = [Point(f"std {std:g}", std, std) for std in stds]
+    pairs = [Point(f"W1 {w1:g}, W2 {w2:g}", w1, w2) for w1, w2 in mixed]
+    return grid + pairs + ([Point("pytorch default", None, None)] if pytorch_default else [])
 
 
 @dataclass(frozen=True)
@@ -138,3 +159,57 @@ def train_chunk(chunk: Chunk, shared: dict) -> list[list[dict]]:
             record.update({name: values[index] for name, values in moved.items()})
             history.append({"epoch": epoch, **{k: (v if finite else None) for k, v in record.items()}})
     return histories
+
+
+def load_shared(data_dir: Path, stats_path: Path) -> dict:
+    """The prepared train and validation splits and prepare's statistics: what every chunk reads."""
+    stats = json.loads(stats_path.read_text())
+    data = {split: load_split(data_dir / f"{split}.pt") for split in ("train", "validation")}
+    if not len(data["validation"][1]):
+        raise PipelineError("prepare.validation: got 0, expected held-out images: the figures are validation accuracy")
+    return {"data": data, "stats": stats}
+
+
+def seed_summary(histories: list[list[dict]], loss_gate: float) -> dict:
+    """One cell's seeds at their last epoch: mean and std of each figure, finite seeds, and the fraction of seeds
+    whose train loss passes the gate (a non-finite loss fails it)."""
+    last = [history[-1] for history in histories]
+    figures: dict = {"finite_seeds": sum(record["train_loss"] is not None for record in last)}
+    for name in ("train_loss", "validation_accuracy", "w1_travel", "conserved_drift_max"):
+        figures[f"{name}_mean"], figures[f"{name}_std"] = mean_and_std([record[name] for record in last])
+    passing = [record["train_loss"] is not None and record["train_loss"] < loss_gate for record in last]
+    figures["gate_pass_fraction"] = sum(passing) / len(last)
+    return figures
+
+
+def log_model_runs(stage: str, experiment: str, params: dict, runs: list[dict], summary: dict, files: list[Path]):
+    """The stage's MLflow run (its params, its JSON and files) and one nested run per model: `runs` items hold
+    name, params, history (one record per epoch, logged with step = epoch) and node (the Ray node that trained it,
+    a tag: node ids change every run, so they stay out of the committed JSON)."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from pipeline import tracking
+
+    with tracking.stage_run(stage, experiment) as parent:
+        mlflow.log_params(params)
+        client, now = mlflow.MlflowClient(), int(time.time() * 1000)
+        tags = {**tracking.lineage_tags(stage), "mlflow.parentRunId": parent.info.run_id}
+        for run in runs:
+            child = client.create_run(parent.info.experiment_id, run_name=run["name"], tags=tags)
+            metrics = [
+                Metric(key, value, now, record["epoch"])
+                for record in run["history"]
+                for key, value in record.items()
+                if key != "epoch" and value is not None
+            ]
+            client.log_batch(
+                child.info.run_id,
+                metrics=metrics,
+                params=[Param(key, str(value)) for key, value in run["params"].items()],
+                tags=[RunTag("ray_node", run["node"])],
+            )
+            client.set_terminated(child.info.run_id, "FINISHED")
+        for path in files:
+            mlflow.log_artifact(str(path))
+        mlflow.log_dict(summary, f"{stage}.json")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png, write_text
-from pipeline.interventions import conserved, travel
+from pipeline.interventions import Point, conserved, init_points, travel
 from pipeline.stats import mean_and_std
 from pipeline.tensors import load_split
 
@@ -51,18 +50,9 @@ TRACE = ("flips", "dead_relu_fraction", "minibatch_logit_step", "logit_std")  # 
 SATURATED = 0.99  # top softmax probability above this: the image's gradient has all but vanished
 
 
-@dataclass(frozen=True)
-class Point:
-    label: str
-    w1_std: float | None  # None: nn.Linear's default init for that layer
-    w2_std: float | None
-
-
 def points(study: config.InitScaleParams) -> list[Point]:
     """The grid, then the mixed pairs, then PyTorch's default, in params.yaml's order."""
-    grid = [Point(f"std {std:g}", std, std) for std in study.stds]
-    mixed = [Point(f"W1 {w1:g}, W2 {w2:g}", w1, w2) for w1, w2 in study.mixed]
-    return grid + mixed + ([Point("pytorch default", None, None)] if study.pytorch_default else [])
+    return init_points(study.stds, study.mixed, study.pytorch_default)
 
 
 def diagnose(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
