@@ -139,3 +139,31 @@ def test_a_model_that_diverges_keeps_null_figures():
     histories = interventions.train_chunk(chunk(recipe=interventions.Recipe(lr=1e38)), {"data": data, "stats": stats})
     for history in histories:  # overflowed within the first epoch: every figure null, every epoch
         assert [set(record.values()) for record in history] == [{1, None}, {2, None}]
+
+
+def test_the_stage_names_each_intervention_its_gate_effect_and_the_twins_follow_each_other(pixels):
+    """Through the stage's own run (local executor): every arm at each point, twins within fp32 rounding."""
+    from pipeline import config
+    from pipeline.stages import interventions as stage
+    from tests.conftest import REPO
+
+    params = config.load(REPO / "params.yaml")
+    section = dataclasses.replace(params.interventions, seeds=(0, 1), epochs=2, inputs=("pixels",),
+                                  weight_decay=(0.01,))  # fmt: skip
+    train = dataclasses.replace(params.train, batch_size=32, hidden=(16,))
+    summary, runs = stage.run(section, train, shared(pixels), loss_gate=0.5)
+    assert summary["executor"] == "local" and list(summary["inputs"]) == ["pixels"]
+    [unit, mixed] = summary["inputs"]["pixels"]
+    assert (unit["point"], mixed["point"]) == ("W1 1, W2 1", "W1 0.01, W2 1")
+    names = [entry["name"] for entry in unit["interventions"]]
+    assert names == ["baseline", "W1 0.01, W2 0.01, logits x 10000", "reference: plain SGD at W1 0.01, W2 0.01",
+                     "logits / 10000", "weight decay 0.01", "adam"]  # fmt: skip
+    for point in (unit, mixed):
+        for entry in point["interventions"]:
+            assert " -> " in entry["gate_effect"] and entry["last_epoch"]["finite_seeds"] == 2
+            if "twin" in entry:  # the homogeneity identity, through the whole stage path
+                assert entry["twin"]["max_train_loss_relative_gap"] < 1e-4 and entry["twin"]["finite_pairs"] == 4
+    hot = unit["interventions"][1]
+    assert hot["logit_scale"] == 1e4 and hot["b2_lr"] == pytest.approx(0.1 / 1e4) and hot["init"] == [0.01, 0.01]
+    assert len(runs) == 2 * 6 * 2 and {run["node"] for run in runs} == {"local"}
+    assert "| adam |" in stage.markdown(summary)
