@@ -12,7 +12,7 @@ multiplies in bf16, the fp32 weights, update and loss kept), which gives bf16 nu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -135,8 +135,14 @@ def train_epoch(
     generators: list[torch.Generator],
     loss: str = "cross_entropy",
     precision: str = "fp32",
+    logit_scale: float = 1.0,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of every model in its own random order: per-step summed losses [M, steps] and correct counts [M]."""
+    """One pass of every model in its own random order: per-step summed losses [M, steps] and correct counts [M].
+
+    `logit_scale` s makes the classifier's logits s * f (the losses reported are those of s * f) and takes the
+    gradient of loss(s * f) / s: by ReLU's homogeneity that is SGD on the network scaled by sqrt(s) (with b2 at
+    lr / s), a temperature study. `after_step(index)` runs after each optimizer step, for diagnostics."""
     if len(generators) != models.models:
         raise PipelineError(f"batched.train_epoch: got {len(generators)} generators, expected {models.models}")
     orders = torch.stack([torch.randperm(len(labels), device=images.device, generator=g) for g in generators])
@@ -146,10 +152,14 @@ def train_epoch(
     for batch, label in zip(orders.split(batch_size, 1), shuffled_labels.split(batch_size, 1)):
         with precision_of(precision, images.device):
             logits = forward(models, inputs.index_select(0, batch.reshape(-1)).view(*batch.shape, -1))
+        if logit_scale != 1.0:
+            logits = logits * logit_scale
         losses = example_losses(logits, label, loss)
         step.zero_grad(set_to_none=True)
-        losses.mean(1).sum().backward()  # each model's gradient is that of its own mean loss
+        (losses.mean(1).sum() / logit_scale).backward()  # each model's gradient is that of its own mean loss
         step.step()
+        if after_step is not None:
+            after_step(len(step_losses))
         step_losses.append(losses.detach().sum(1))
         predictions.append(logits.detach().argmax(2))
     return torch.stack(step_losses, 1), (torch.cat(predictions, 1) == shuffled_labels).sum(1)
@@ -166,10 +176,15 @@ class Evaluation:
 
 @torch.inference_mode()
 def evaluate(
-    models: Stack, images: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy", batch_size: int = 10000
+    models: Stack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str = "cross_entropy",
+    batch_size: int = 10000,
+    logit_scale: float = 1.0,
 ) -> Evaluation:
     """Every model on a split, in fp32, one model at a time (M models' activations at once would be M times the
-    memory); NaN loss and accuracy for an empty split."""
+    memory); NaN loss and accuracy for an empty split. `logit_scale`: the classifier's logits are that times f."""
     total = images.new_zeros(models.models, dtype=torch.float32)
     predictions = torch.empty(models.models, len(labels), dtype=torch.long, device=images.device)
     for start in range(0, len(labels), batch_size):
@@ -177,7 +192,7 @@ def evaluate(
         for index in range(models.models):
             one = Stack([w[index : index + 1] for w in models.weights], [b[index : index + 1] for b in models.biases])
             one.activation = models.activation
-            logits = forward(one, x.unsqueeze(0))
+            logits = forward(one, x.unsqueeze(0)) * logit_scale
             total[index] += example_losses(logits, y.unsqueeze(0), loss).sum()
             predictions[index, start : start + len(y)] = logits[0].argmax(1)
     correct = (predictions == labels).sum(1)

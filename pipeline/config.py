@@ -119,6 +119,45 @@ class InitScaleParams:
     report_epochs: Annotated[tuple[Count, ...], Field(min_length=1), AfterValidator(distinct)]
     probe: Count
     precision: Literal["fp32", "bf16"] = "fp32"
+    trace_every: Count = 10  # epoch 1's trace: a record every this many steps
+    sharpness_epochs: tuple[NonNegativeInteger, ...] = (0, 1, 10)  # top Hessian eigenvalue at these epochs
+    sharpness_iterations: Count = 20  # power-iteration steps
+
+
+InputScalings = Annotated[
+    tuple[Literal["standardized", "pixels"], ...], Field(min_length=1), AfterValidator(distinct)
+]  # standardized: train mean and std; pixels: d2l's own [0, 1]
+
+
+@params_class
+class PhaseDiagramParams:
+    experiment: Text
+    lrs: Annotated[tuple[PositiveNumber, ...], Field(min_length=1), AfterValidator(distinct)]
+    seeds: Seeds
+    epochs: Count
+    inputs: InputScalings
+    precision: Literal["fp32", "bf16"] = "fp32"
+    executor: Literal["local", "ray"] = "local"
+    ray_address: Text = "auto"
+    num_cpus: PositiveNumber = 1.0
+    max_retries: NonNegativeInteger = 3
+
+
+@params_class
+class InterventionsParams:
+    experiment: Text
+    points: Annotated[tuple[tuple[PositiveNumber, PositiveNumber], ...], Field(min_length=1)]  # (W1 std, W2 std)
+    seeds: Seeds
+    epochs: Count
+    inputs: InputScalings
+    temperature: PositiveNumber  # the logit scale c^2 of the homogeneity identity
+    weight_decay: Annotated[tuple[PositiveNumber, ...], AfterValidator(distinct)]
+    adam_lr: PositiveNumber
+    precision: Literal["fp32", "bf16"] = "fp32"
+    executor: Literal["local", "ray"] = "local"
+    ray_address: Text = "auto"
+    num_cpus: PositiveNumber = 1.0
+    max_retries: NonNegativeInteger = 3
 
 
 @params_class
@@ -131,6 +170,8 @@ class Params:
     evaluate: EvaluateParams
     compare: CompareParams
     init_scale: InitScaleParams | None = None  # the pipeline's study; a lesson reusing the stages has none
+    phase_diagram: PhaseDiagramParams | None = None  # learning rate x init point, on both input scalings
+    interventions: InterventionsParams | None = None  # temperature, weight decay and Adam at chosen inits
 
     def variant(self, name: str) -> TrainParams:
         """The train defaults with the variant's overrides."""

@@ -202,3 +202,32 @@ def test_a_bad_precision_or_a_missing_generator_is_one_line(data):
         batched.train_epoch(stacked, step, images, labels, 100, shuffles, precision="auto")
     with pytest.raises(PipelineError, match=r"got 2 generators, expected 3"):
         batched.train_epoch(stacked, step, images, labels, 100, shuffles[:2])
+
+
+def test_after_step_runs_once_per_step_and_logit_scale_trains_on_the_scaled_loss_divided_by_the_scale(data):
+    """logit_scale s: the losses reported are CE(s f), the gradient is that of CE(s f) / s (autograd, one model);
+    after_step gets each step's index once the optimizer has stepped."""
+    (images, labels), (validation_images, validation_labels) = data
+    images, labels = images[:200], labels[:200]
+    stacked = batched.stack([build(0)], CPU)
+    step = batched.optimizer("sgd", stacked, 0.1)
+    reference = build(0)
+    reference_step = torch.optim.SGD(reference.parameters(), lr=0.1)
+    orders = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    seen = []
+    losses, _ = batched.train_epoch(stacked, step, images, labels, 50, [torch.Generator().manual_seed(0)],
+                                    logit_scale=30.0, after_step=lambda index: seen.append(index))  # fmt: skip
+    for index, batch in enumerate(orders.split(50)):
+        value = F.cross_entropy(30.0 * reference(images[batch]), labels[batch])
+        assert losses[0, index].item() == pytest.approx(value.item() * 50, rel=1e-5)
+        reference_step.zero_grad()
+        (value / 30.0).backward()
+        reference_step.step()
+    assert seen == [0, 1, 2, 3]
+    for trained, expected in zip(stacked.parameters(), batched.stack([reference], CPU).parameters()):
+        torch.testing.assert_close(trained.detach(), expected, rtol=1e-5, atol=1e-6)
+    scaled = batched.evaluate(stacked, validation_images, validation_labels, logit_scale=30.0)
+    plain = batched.evaluate(stacked, validation_images, validation_labels)
+    assert scaled.accuracy.item() == plain.accuracy.item() and scaled.loss.item() != plain.loss.item()
+    reference_loss = F.cross_entropy(30.0 * reference(validation_images), validation_labels).item()
+    assert scaled.loss.item() == pytest.approx(reference_loss, rel=1e-5)

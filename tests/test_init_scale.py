@@ -67,7 +67,7 @@ def test_diagnostics_match_autograd_and_their_definitions(data):
             for parameter in net.parameters():
                 parameter -= 0.1 * parameter.grad
             step = (net(images) - logits).pow(2).mean().sqrt().item()
-        assert figures["logit_step"][index].item() == pytest.approx(step, rel=1e-3)
+        assert figures["probe_gradient_logit_step"][index].item() == pytest.approx(step, rel=1e-3)
     assert figures["logit_std"][2] > 50 * figures["logit_std"][0]  # W1 100x wider: logits about 100x wider
 
 
@@ -111,3 +111,100 @@ def test_the_table_has_a_row_per_point_with_each_report_epoch(data):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 4 and "train loss @1" in rows[0] and "val acc @3" in rows[0]
     assert rows[-1].startswith("| pytorch default |") and rows[2].split(" | ")[3] != "0.0%"  # std 1 saturates
+
+
+def tiny_stack(seeds=(0, 1), std: float = 0.5, dtype=torch.float64) -> batched.Stack:
+    """Small MLPs (6-5-3) with random weights and biases, stacked in `dtype`, for tests against exact definitions."""
+    generator = torch.Generator().manual_seed(sum(seeds) + 9)
+    draw = lambda *shape: std * torch.randn(len(seeds), *shape, generator=generator, dtype=dtype)  # noqa: E731
+    return batched.Stack([draw(6, 5), draw(5, 3)], [draw(5), draw(3)])
+
+
+def tiny_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return torch.randn(12, 6, generator=generator, dtype=dtype), torch.randint(0, 3, (12,), generator=generator)
+
+
+def test_sharpness_is_the_top_eigenvalue_of_autograds_full_hessian():
+    group, (images, labels) = tiny_stack(), tiny_batch()
+    found = init_scale.sharpness(group, images, labels, iterations=300)
+    shapes = [parameter[0].shape for parameter in group.parameters()]
+    for index in range(group.models):
+        flat = torch.cat([parameter[index].flatten() for parameter in group.parameters()])
+
+        def loss(vector):
+            pieces = torch.split(vector, [shape.numel() for shape in shapes])
+            weights = [piece.view(shape).unsqueeze(0) for piece, shape in zip(pieces, shapes)]
+            one = batched.Stack(weights[:2], weights[2:])
+            return batched.example_losses(batched.forward(one, images.unsqueeze(0)), labels.unsqueeze(0)).mean()
+
+        eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+        top = eigenvalues[eigenvalues.abs().argmax()].item()
+        assert found[index].item() == pytest.approx(top, rel=1e-4)
+        assert found[index].item() > 0
+
+
+def test_an_sgd_step_changes_the_conserved_quantity_by_exactly_lr_squared_times_the_gradients_balance():
+    """q_i = ||W1[:, i]||^2 + b1[i]^2 - ||W2[i, :]||^2: the first-order change cancels (ReLU's homogeneity), so
+    a step at lr changes q_i by lr^2 (||g_W1[:, i]||^2 + g_b1[i]^2 - ||g_W2[i, :]||^2), and by O(lr) for
+    weights alone."""
+    group, (images, labels) = tiny_stack(), tiny_batch()
+    start = [parameter.requires_grad_() for parameter in group.parameters()]
+    loss = batched.example_losses(batched.forward(group, images.expand(2, -1, -1)), labels.expand(2, -1))
+    gradients = torch.autograd.grad(loss.mean(1).sum(), start)
+    start = [parameter.detach() for parameter in start]
+    before = init_scale.conserved(batched.Stack(start[:2], start[2:]))
+    for lr in (1e-2, 1e-3):
+        moved = batched.Stack([w - lr * g for w, g in zip(start[:2], gradients[:2])],
+                              [b - lr * g for b, g in zip(start[2:], gradients[2:])])  # fmt: skip
+        balance = gradients[0].pow(2).sum(1) + gradients[2].pow(2) - gradients[1].pow(2).sum(2)
+        change = init_scale.conserved(moved) - before
+        torch.testing.assert_close(change, lr**2 * balance, rtol=1e-6, atol=1e-12)
+        weights_only = (moved.weights[0].pow(2).sum(1) - start[0].pow(2).sum(1)).abs().max()
+        assert weights_only > 100 * change.abs().max()  # each term moves at first order; only the sum does not
+
+
+def test_travel_is_zero_at_init_and_measures_w1s_relative_move():
+    group = tiny_stack()
+    initial = (group.weights[0].clone(), init_scale.conserved(group))
+    at_init = init_scale.travel(group, *initial)
+    assert all(values.abs().max().item() == 0 for name, values in at_init.items() if name != "conserved_mean")
+    moved = batched.Stack([group.weights[0] * 1.5, group.weights[1]], group.biases)
+    assert init_scale.travel(moved, *initial)["w1_travel"].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_the_epoch_1_trace_measures_each_recorded_minibatch_step_and_the_flips_since_the_last_record(data):
+    images, labels = data["train"]
+    nets = [mlp.build("module", (32,), "relu", std, torch.Generator().manual_seed(seed))
+            for seed, std in enumerate((0.01, 1.0))]  # fmt: skip
+    group = batched.stack(nets, torch.device("cpu"))
+    probe = images[:64]
+    trace = init_scale.Trace(group, probe, every=2)
+    snapshots = [batched.forward(group, probe.expand(2, *probe.shape)).detach()]  # the logits after every step
+
+    def after_step(index):
+        trace(index)
+        snapshots.append(batched.forward(group, probe.expand(2, *probe.shape)).detach())
+
+    step = batched.optimizer("sgd", group, 0.1)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    batched.train_epoch(group, step, images, labels, 64, generators, after_step=after_step)  # 6 steps
+    assert [record["step"] for record in trace.records] == [1, 3, 5]
+    for record, step_index in zip(trace.records, (0, 2, 4)):
+        before, after = snapshots[step_index], snapshots[step_index + 1]  # around that one step
+        expected = (after - before).flatten(1).pow(2).mean(1).sqrt()
+        assert record["minibatch_logit_step"] == pytest.approx(expected.tolist(), rel=1e-5)
+        previous = snapshots[max(step_index - 1, 0)]  # the last record's logits (init for the first)
+        flips = (after.argmax(-1) != previous.argmax(-1)).float().mean(1)
+        assert record["flips"] == pytest.approx(flips.tolist())
+    assert trace.per_model(1)[0]["minibatch_logit_step"] > 10 * trace.per_model(0)[0]["minibatch_logit_step"]
+
+
+def test_the_study_reports_sharpness_and_the_trace_per_point(data):
+    models, histories = init_scale.train(study(sharpness_epochs=(0, 1), trace_every=2), train_params(), data)
+    points = init_scale.summarize(study(sharpness_epochs=(0, 1)), models, histories, loss_gate=0.5)
+    for point in points:
+        assert set(point["sharpness"]) == {"0", "1"} and point["sharpness"]["0"]["mean"] is not None
+        assert [entry["step"] for entry in point["epoch_1_trace"]] == [1, 3, 5]  # 384 images in batches of 64
+        assert point["epochs"]["3"]["sharpness_mean"] is None and point["epochs"]["1"]["sharpness_mean"] is not None
+        assert point["epochs"]["3"]["conserved_drift_max_mean"] >= point["epochs"]["3"]["conserved_drift_mean_mean"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,41 +26,40 @@ from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png, write_text
+from pipeline.interventions import Point, conserved, init_points, travel
 from pipeline.stats import mean_and_std
 from pipeline.tensors import load_split
 
 DIAGNOSTICS = (
     "loss",
     "logit_std",
-    "logit_step",
+    "probe_gradient_logit_step",
     "saturated_fraction",
     "dead_relu_fraction",
     "grad_norm_w1",
     "grad_norm_w2",
     "weight_norm_w1",
     "weight_norm_w2",
+    "conserved_mean",
+    "conserved_drift_mean",
+    "conserved_drift_max",
+    "w1_travel",
+    "sharpness",
 )
+TRACE = ("flips", "dead_relu_fraction", "minibatch_logit_step", "logit_std")  # epoch 1, every trace_every steps
 SATURATED = 0.99  # top softmax probability above this: the image's gradient has all but vanished
-
-
-@dataclass(frozen=True)
-class Point:
-    label: str
-    w1_std: float | None  # None: nn.Linear's default init for that layer
-    w2_std: float | None
 
 
 def points(study: config.InitScaleParams) -> list[Point]:
     """The grid, then the mixed pairs, then PyTorch's default, in params.yaml's order."""
-    grid = [Point(f"std {std:g}", std, std) for std in study.stds]
-    mixed = [Point(f"W1 {w1:g}, W2 {w2:g}", w1, w2) for w1, w2 in study.mixed]
-    return grid + mixed + ([Point("pytorch default", None, None)] if study.pytorch_default else [])
+    return init_points(study.stds, study.mixed, study.pytorch_default)
 
 
 def diagnose(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-    """Each model's figures on one batch of images (fp32, one hidden layer), by autograd: DIAGNOSTICS -> [M].
-    logit_step is how far one gradient step at `lr` on this batch's mean loss moves the logits (root mean
-    square): the learning rate as the function feels it, on the probe rather than on a minibatch."""
+    """Each model's figures on one batch of images (fp32, one hidden layer), by autograd: name -> [M].
+    probe_gradient_logit_step is how far one full-batch gradient step at `lr` on the whole probe's mean loss
+    would move the probe's logits (root mean square); it is not a training step, which is on a minibatch (the
+    trace's minibatch_logit_step is)."""
     parameters = [tensor.detach().clone().requires_grad_() for tensor in models.parameters()]
     layers = len(models.weights)
     probe = batched.Stack(parameters[:layers], parameters[layers:], models.activation)
@@ -77,7 +75,7 @@ def diagnose(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, 
         return {
             "loss": losses.detach(),
             "logit_std": logits.flatten(1).std(1),
-            "logit_step": moved.flatten(1).pow(2).mean(1).sqrt(),
+            "probe_gradient_logit_step": moved.flatten(1).pow(2).mean(1).sqrt(),
             "saturated_fraction": (top > SATURATED).float().mean(1),
             "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
             "grad_norm_w1": gradients[0].flatten(1).norm(dim=1),
@@ -85,6 +83,69 @@ def diagnose(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, 
             "weight_norm_w1": probe.weights[0].detach().flatten(1).norm(dim=1),
             "weight_norm_w2": probe.weights[1].detach().flatten(1).norm(dim=1),
         }
+
+
+def sharpness(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Each model's top Hessian eigenvalue (largest in magnitude) of the mean cross-entropy on the batch, by power
+    iteration on Hessian-vector products (double backward); [M]. Against 2 / lr: above it, gradient descent on the
+    quadratic model overshoots along that direction. The summed loss is separable by model, so one product gives
+    every model's own."""
+    parameters = [tensor.detach().clone().requires_grad_() for tensor in models.parameters()]
+    layers = len(models.weights)
+    probe = batched.Stack(parameters[:layers], parameters[layers:], models.activation)
+    logits = batched.forward(probe, images.expand(models.models, *images.shape))
+    loss = batched.example_losses(logits, labels.expand(models.models, -1)).mean(1).sum()
+    gradients = torch.autograd.grad(loss, parameters, create_graph=True)
+    generator = torch.Generator(device=images.device).manual_seed(0)
+    vector = [torch.randn(p.shape, generator=generator, device=p.device) for p in parameters]
+    estimate = torch.zeros(models.models, device=images.device)
+    for _ in range(iterations):
+        norms = sum(v.flatten(1).pow(2).sum(1) for v in vector).sqrt()
+        vector = [v / norms.view(-1, *[1] * (v.dim() - 1)) for v in vector]
+        products = torch.autograd.grad(gradients, parameters, vector, retain_graph=True)
+        estimate = sum((v * product).flatten(1).sum(1) for v, product in zip(vector, products))
+        vector = [product.detach() for product in products]
+    return estimate.detach()
+
+
+class Trace:
+    """Epoch 1's trace, every `every` steps, on the probe: flips (the fraction of images whose prediction changed
+    since the last record), dead ReLUs, the logit step of that very minibatch step (RMS change of the probe's
+    logits it caused) and the logits' spread. Called after each optimizer step (batched.train_epoch's after_step)."""
+
+    def __init__(self, models: batched.Stack, images: torch.Tensor, every: int):
+        self.models, self.images, self.every = models, images.expand(models.models, *images.shape), every
+        self.before = self._logits()
+        self.last_predictions = self.before.argmax(-1)
+        self.records: list[dict] = []
+
+    @torch.no_grad()
+    def _logits(self) -> torch.Tensor:
+        return batched.forward(self.models, self.images)
+
+    @torch.no_grad()
+    def __call__(self, index: int) -> None:
+        after = self._record() if index % self.every == 0 else None
+        if (index + 1) % self.every == 0:  # the next step is recorded: keep the logits before it
+            self.before = after if after is not None else self._logits()
+
+    @torch.no_grad()
+    def _record(self) -> torch.Tensor:
+        after = self._logits()
+        predictions = after.argmax(-1)
+        hidden = torch.baddbmm(self.models.biases[0].unsqueeze(1), self.images, self.models.weights[0])
+        figures = {
+            "flips": (predictions != self.last_predictions).float().mean(1),
+            "dead_relu_fraction": (hidden.amax(1) <= 0).float().mean(1),
+            "minibatch_logit_step": (after - self.before).flatten(1).pow(2).mean(1).sqrt(),
+            "logit_std": after.flatten(1).std(1),
+        }
+        self.last_predictions = predictions
+        self.records.append({"step": len(self.records) * self.every + 1, **{k: v.tolist() for k, v in figures.items()}})
+        return after
+
+    def per_model(self, index: int) -> list[dict]:
+        return [{"step": r["step"], **{name: r[name][index] for name in TRACE}} for r in self.records]
 
 
 def train(
@@ -103,16 +164,22 @@ def train(
     shuffles = [torch.Generator(device=device).manual_seed(seed) for _, seed in models]
     histories: list[list[dict]] = [[] for _ in models]
     full_loss = batched.evaluate(group, train_images, train_labels).loss  # epoch 0: the train loss at init
-    measure = lambda: _measure(group, probe, validation, train_params.lr)  # noqa: E731 - the same four, each epoch
-    _record(histories, 0, full_loss.tolist(), *measure(), 0.0)
+    initial = (group.weights[0].detach().clone(), conserved(group).detach())
+    measure = lambda epoch: _measure(group, probe, validation, train_params.lr, initial, study, epoch)  # noqa: E731
+    _record(histories, 0, full_loss.tolist(), *measure(0), 0.0)
     report([history[-1] for history in histories])
     for epoch in range(1, study.epochs + 1):
         started = time.perf_counter()
+        trace = Trace(group, probe[0], study.trace_every) if epoch == 1 else None
         step_losses, _ = batched.train_epoch(
-            group, step, train_images, train_labels, train_params.batch_size, shuffles, "cross_entropy", study.precision
-        )
+            group, step, train_images, train_labels, train_params.batch_size, shuffles, "cross_entropy",
+            study.precision, after_step=trace,
+        )  # fmt: skip
         train_loss = (step_losses.sum(1) / len(train_labels)).tolist()
-        _record(histories, epoch, train_loss, *measure(), time.perf_counter() - started)
+        _record(histories, epoch, train_loss, *measure(epoch), time.perf_counter() - started)
+        if trace is not None:
+            for index, history in enumerate(histories):
+                history[-1]["epoch_1_trace"] = trace.per_model(index) if history[-1]["train_loss"] is not None else []
         report([history[-1] for history in histories])
     return models, histories
 
@@ -123,9 +190,16 @@ def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.
     return mlp.build("module", hidden, "relu", (point.w1_std, point.w2_std), generator).to(device)
 
 
-def _measure(group: batched.Stack, probe: tuple, validation: tuple, lr: float) -> tuple[dict, list]:
-    """The probe's diagnostics and the validation accuracy of every model, as lists."""
-    figures = {name: values.tolist() for name, values in diagnose(group, *probe, lr).items()}
+def _measure(group: batched.Stack, probe: tuple, validation: tuple, lr: float, initial: tuple, study, epoch: int):
+    """The probe's diagnostics (sharpness only at init_scale.sharpness_epochs) and every model's validation
+    accuracy, as lists."""
+    figures = {**diagnose(group, *probe, lr), **travel(group, *initial)}
+    figures["sharpness"] = (
+        sharpness(group, *probe, study.sharpness_iterations)
+        if epoch in study.sharpness_epochs
+        else [None] * group.models
+    )
+    figures = {name: values if isinstance(values, list) else values.tolist() for name, values in figures.items()}
     accuracy = batched.evaluate(group, *validation).accuracy.tolist() if len(validation[1]) else [None] * group.models
     return figures, accuracy
 
@@ -156,9 +230,27 @@ def summarize(study: config.InitScaleParams, models, histories, loss_gate: float
                 "seeds": list(study.seeds),
                 "epochs": epochs,
                 "at_init": at_init,
+                "sharpness": {
+                    str(epoch): dict(zip(("mean", "std"), mean_and_std([run[epoch]["sharpness"] for run in runs])))
+                    for epoch in study.sharpness_epochs
+                    if epoch <= study.epochs
+                },
+                "epoch_1_trace": _trace_summary([run[1].get("epoch_1_trace", []) for run in runs]),
                 "curve": [_curve_point([run[epoch] for run in runs]) for epoch in range(len(runs[0]))],
             }
         )
+    return summary
+
+
+def _trace_summary(traces: list[list[dict]]) -> list[dict]:
+    """Epoch 1's trace of a point: per recorded step, each figure's mean and std over the seeds that stayed finite."""
+    finite = [trace for trace in traces if trace]
+    summary = []
+    for records in zip(*finite):
+        entry = {"step": records[0]["step"]}
+        for name in TRACE:
+            entry[f"{name}_mean"], entry[f"{name}_std"] = mean_and_std([record[name] for record in records])
+        summary.append(entry)
     return summary
 
 
@@ -253,14 +345,15 @@ def _at_init(panel, grid: list[dict], names: tuple[str, ...], scale: str, title:
 def markdown(summary: dict) -> str:
     """The study as a table: per point, the state at init and the figures at each report epoch (mean ± std)."""
     epochs = sorted(int(epoch) for epoch in summary["points"][0]["epochs"])
-    header = ["point", "loss at init", "logit std", "saturated", "logit step"]
+    header = ["point", "loss at init", "logit std", "saturated", "probe-gradient step"]
     header += [f"{what} @{epoch}" for epoch in epochs for what in ("train loss", "val acc", "loss gate", "dead ReLUs")]
     lines = [
         "# Init scale: d2l's MLP from each init",
         "",
         f"Mean (± std) over seeds {summary['points'][0]['seeds']}; at init on {summary['probe_images']} train images: "
         "the logits' std, the fraction of images whose top softmax probability exceeds 0.99 (saturated), and how "
-        f"far one SGD step at lr {summary['lr']} moves the logits (logit step, root mean square). Loss gate: the "
+        f"far one full-batch gradient step at lr {summary['lr']} on the whole probe would move its logits (root mean "
+        "square; not a training step, which is on a minibatch). Loss gate: the "
         f"fraction of seeds with {summary['loss_gate']}. Precision {summary['precision']}.",
         "",
         "| " + " | ".join(header) + " |",
@@ -269,7 +362,7 @@ def markdown(summary: dict) -> str:
     for point in summary["points"]:
         start = point["at_init"]
         cells = [point["label"], _g(start["loss"]), _g(start["logit_std"]), f"{start['saturated_fraction']:.1%}"]
-        cells.append(_g(start["logit_step"]))
+        cells.append(_g(start["probe_gradient_logit_step"]))
         for epoch in epochs:
             figures = point["epochs"][str(epoch)]
             cells += [_pm(figures, "train_loss"), _pm(figures, "validation_accuracy")]
@@ -345,6 +438,9 @@ def main() -> None:
         "hidden": list(train_params.hidden),
         "epochs": study.epochs,
         "precision": study.precision,
+        "two_over_lr": 2 / train_params.lr,
+        "sharpness_iterations": study.sharpness_iterations,
+        "trace_every": study.trace_every,
         "device": resolve_device(train_params.device).type,
         "mlflow_experiment": study.experiment,
     }
@@ -387,7 +483,12 @@ def log_runs(study, train_params, models, histories, summary: dict, table: str, 
                 Metric(key, value, now, record["epoch"])
                 for record in history
                 for key, value in record.items()
-                if key not in ("epoch", "seconds") and value is not None
+                if key not in ("epoch", "seconds", "epoch_1_trace") and value is not None
+            ]
+            metrics += [
+                Metric(f"epoch_1_{name}", entry[name], now, entry["step"])
+                for entry in history[1].get("epoch_1_trace") or []
+                for name in TRACE
             ]
             metrics += [
                 Metric(f"{key}_at_{epoch}", history[epoch][key], now, 0)
