@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline import batched, cli, config, cpu
+from pipeline import batched, cli, config, cpu, tracking
 from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.interventions import Point, conserved, init_points, travel
-from pipeline.stats import mean_and_std
+from pipeline.spread import mean_and_std
 from pipeline.tensors import load_split
 
 DIAGNOSTICS = (
@@ -423,6 +423,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, required=True, help="Markdown: the figures per point")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     data = {split: load_split(args.data / f"{split}.pt") for split in ("train", "validation")}
     study, train_params = params.init_scale, params.train
     if study is None:
@@ -459,8 +460,6 @@ def log_runs(study, train_params, models, histories, summary: dict, table: str, 
     """The study's run and one nested run per point and seed (epochs with step=epoch), in one short step."""
     import mlflow
     from mlflow.entities import Metric, Param
-
-    from pipeline import tracking
 
     with tracking.logged_run("init_scale", study.experiment) as parent:
         mlflow.log_params(

@@ -19,13 +19,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import cli, config, cpu
+from pipeline import cli, config, cpu, tracking
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.executor import ExecutorParams, run_chunks
 from pipeline.files import write_json, write_text
 from pipeline.interventions import Chunk, Recipe, load_shared, log_model_runs, seed_summary, train_chunk
-from pipeline.stats import mean_and_std
+from pipeline.spread import mean_and_std
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, required=True, help="Markdown: the same as tables")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     section = params.interventions
     if section is None:
         raise PipelineError(f"interventions: {args.params} has no interventions section")

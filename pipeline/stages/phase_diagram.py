@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import cli, config, cpu
+from pipeline import cli, config, cpu, tracking
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
 from pipeline.executor import ExecutorParams, run_chunks
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, required=True, help="Markdown: the figures per point and lr")
     args = parser.parse_args()
     params = config.load(args.params)
+    tracking.check_reachable()  # before any work: the runs are logged once the figures exist
     section, study = params.phase_diagram, params.init_scale
     if section is None or study is None:
         raise PipelineError(f"phase_diagram: {args.params} needs phase_diagram and init_scale sections")
