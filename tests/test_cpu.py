@@ -132,7 +132,7 @@ params = dataclasses.replace(config.load(REPO / "params.yaml").train, epochs=2, 
 seen = []
 with cpu.shared_threads():
     report = lambda seed, record: seen.append(torch.get_num_threads())
-    train.run_batched(params, flat(make_split(256, 1)), flat(make_split(64, 2)), report=report)
+    train.run(params, flat(make_split(256, 1)), flat(make_split(64, 2)), report=report)
 print(cpu.available_cpus(), *seen)
 """
 

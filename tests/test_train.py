@@ -255,13 +255,12 @@ def test_huge_init_is_not_a_divergence(data):
 
 def test_trainings_at_once_share_the_cpu(tmp_path, monkeypatch):
     """Two trainings at once get half the cores each (unless OMP_NUM_THREADS says otherwise)."""
-    import os
 
     from pipeline import cpu
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "SLOTS_DIR", tmp_path)
-    cores = os.cpu_count() or 1
+    cores = cpu.available_cpus()
     with cpu.shared_threads() as first:
         with cpu.shared_threads() as second:
             assert second == max(1, cores // 2) and torch.get_num_threads() == second
