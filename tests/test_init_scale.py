@@ -39,7 +39,8 @@ def test_the_points_are_the_grid_the_mixed_pairs_and_pytorchs_default():
                       ("pytorch default", None, None)]  # fmt: skip
     defaults = config.load(REPO / "params.yaml").init_scale
     assert len(defaults.stds) >= 7 and {0.01, 1.0} <= set(defaults.stds)
-    assert min(defaults.stds) == 0.001 and defaults.epochs >= 10 and 10 in defaults.report_epochs and len(defaults.seeds) >= 3
+    assert min(defaults.stds) == 0.001 and len(defaults.seeds) >= 3
+    assert defaults.epochs >= 10 and 10 in defaults.report_epochs  # d2l's gate epoch
     assert defaults.precision == "fp32"  # the precision of record
 
 
