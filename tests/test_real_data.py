@@ -50,8 +50,9 @@ def real_data(raw, tmp_path_factory):
 @pytest.mark.slow
 def test_d2l_settings_reach_about_085_and_unit_init_fails_the_loss_gate(real_data):
     params = config.load(REPO / "params.yaml")
-    d2l = train.run(dataclasses.replace(params.variant("d2l"), device="cpu"), 0, *real_data).history[-1]
-    unit = train.run(dataclasses.replace(params.variant("unit_init"), device="cpu"), 0, *real_data).history[-1]
+    d2l = train.run(dataclasses.replace(params.variant("d2l"), device="cpu", seeds=(0,)), *real_data)[0].history[-1]
+    unit = train.run(dataclasses.replace(params.variant("unit_init"), device="cpu", seeds=(0,)), *real_data)[0]
+    unit = unit.history[-1]
     assert d2l["validation_accuracy"] > 0.84 and d2l["train_loss"] < 0.5
     assert unit["train_loss"] > params.evaluate.max_train_loss  # d2l's train_ch3 would assert here
     assert unit["validation_accuracy"] < d2l["validation_accuracy"] - 0.03
@@ -60,6 +61,6 @@ def test_d2l_settings_reach_about_085_and_unit_init_fails_the_loss_gate(real_dat
 @pytest.mark.slow
 def test_lr_1e3_diverges_on_real_data_and_is_recorded(real_data):
     params = dataclasses.replace(config.load(REPO / "params.yaml").variant("d2l"), lr=1e3, epochs=2, device="cpu")
-    result = train.run(params, 0, *real_data)
+    (result,) = train.run(dataclasses.replace(params, seeds=(0,)), *real_data)
     assert result.diverged is not None and result.diverged["epoch"] == 1
     assert not torch.isfinite(torch.tensor(float(result.diverged["loss"])))

@@ -27,7 +27,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.interventions import Point, conserved, init_points, travel
-from pipeline.spread import mean_and_std
+from pipeline.spread import mean_and_std as spread_of
 from pipeline.tensors import load_split
 
 DIAGNOSTICS = (
@@ -221,7 +221,7 @@ def summarize(study: config.InitScaleParams, models, histories, loss_gate: float
     for point in points(study):
         runs = [history for (other, _), history in zip(models, histories) if other == point]
         epochs = {str(epoch): _epoch_summary([run[epoch] for run in runs], loss_gate) for epoch in study.report_epochs}
-        at_init = {name: mean_and_std([run[0][name] for run in runs])[0] for name in DIAGNOSTICS}
+        at_init = {name: finite_mean_and_std([run[0][name] for run in runs])[0] for name in DIAGNOSTICS}
         summary.append(
             {
                 "label": point.label,
@@ -231,7 +231,9 @@ def summarize(study: config.InitScaleParams, models, histories, loss_gate: float
                 "epochs": epochs,
                 "at_init": at_init,
                 "sharpness": {
-                    str(epoch): dict(zip(("mean", "std"), mean_and_std([run[epoch]["sharpness"] for run in runs])))
+                    str(epoch): dict(
+                        zip(("mean", "std"), finite_mean_and_std([run[epoch]["sharpness"] for run in runs]))
+                    )
                     for epoch in study.sharpness_epochs
                     if epoch <= study.epochs
                 },
@@ -249,7 +251,7 @@ def _trace_summary(traces: list[list[dict]]) -> list[dict]:
     for records in zip(*finite):
         entry = {"step": records[0]["step"]}
         for name in TRACE:
-            entry[f"{name}_mean"], entry[f"{name}_std"] = mean_and_std([record[name] for record in records])
+            entry[f"{name}_mean"], entry[f"{name}_std"] = finite_mean_and_std([record[name] for record in records])
         summary.append(entry)
     return summary
 
@@ -258,7 +260,7 @@ def _curve_point(records: list[dict]) -> dict:
     """One epoch of a point's curve: train loss and validation accuracy, mean and std over seeds."""
     figures = {"epoch": records[0]["epoch"]}
     for name in ("train_loss", "validation_accuracy"):
-        figures[f"{name}_mean"], figures[f"{name}_std"] = mean_and_std([record[name] for record in records])
+        figures[f"{name}_mean"], figures[f"{name}_std"] = finite_mean_and_std([record[name] for record in records])
     return figures
 
 
@@ -266,10 +268,16 @@ def _epoch_summary(records: list[dict], loss_gate: float) -> dict:
     """Mean and std over seeds (n: the finite ones) of every figure, and the fraction passing the loss gate."""
     figures = {"finite_seeds": sum(record["train_loss"] is not None for record in records)}
     for name in ("train_loss", "validation_accuracy", *DIAGNOSTICS[1:]):
-        figures[f"{name}_mean"], figures[f"{name}_std"] = mean_and_std([record[name] for record in records])
+        figures[f"{name}_mean"], figures[f"{name}_std"] = finite_mean_and_std([record[name] for record in records])
     passing = [record["train_loss"] is not None and record["train_loss"] < loss_gate for record in records]
     figures["loss_gate_pass_fraction"] = sum(passing) / len(records)
     return figures
+
+
+def finite_mean_and_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and std over seeds of the finite values: a diagnostic that overflowed for one seed (a huge init's
+    sharpness, say) is left out like a diverged seed's, never averaged into the others."""
+    return spread_of([value for value in values if value is not None and math.isfinite(value)])
 
 
 def _x(point: dict) -> float:
@@ -402,8 +410,8 @@ def print_epoch(models: list[tuple[Point, int]], records: list[dict]) -> None:
     """One line per point: its train loss and validation accuracy, mean over seeds."""
     for point in dict.fromkeys(point for point, _ in models):
         own = [record for (other, _), record in zip(models, records) if other == point]
-        loss, _ = mean_and_std([record["train_loss"] for record in own])
-        accuracy, _ = mean_and_std([record["validation_accuracy"] for record in own])
+        loss, _ = finite_mean_and_std([record["train_loss"] for record in own])
+        accuracy, _ = finite_mean_and_std([record["validation_accuracy"] for record in own])
         print(
             f"epoch {own[0]['epoch']:3d}  {point.label:<20}  train loss {_fmt(loss)}  validation acc {_fmt(accuracy)}",
             flush=True,
