@@ -485,7 +485,7 @@ def models_line(result: dict) -> str:
         f"{result['batched_models']} batched: fp32 {rate['fp32_batched']:.2f}, bf16 {rate['bf16_batched']:.2f}, "
         f"bf16 GEMMs alone {rate['bf16_gemm']:.2f}; bf16 batched / fp32 one seed "
         f"{rate['bf16_batched'] / rate['fp32_single']:.2f}x, bf16 batched takes {result['bf16_ratio_vs_gemm']:.2f}x "
-        f"its GEMMs' time (precision auto here: {result['precision_auto']})"
+        f"its GEMMs' time"
     )
 
 
