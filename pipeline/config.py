@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from pipeline import datasets
+from pipeline.executor import ExecutorParams
 from pipeline.params_file import (
     Activation,
     Count,
@@ -108,8 +109,21 @@ class CompareParams:
     bootstrap: Annotated[Integer, Field(ge=100, description="an integer >= 100")]
 
 
+@params_class(kw_only=True)
+class SweepParams:
+    """Where a grid's chunks of models run (pipeline/executor.py): the keys every sweep's section shares."""
+
+    executor: Literal["local", "ray"] = "local"
+    ray_address: Text = "auto"  # auto (RAY_ADDRESS, or the cluster `ray start` made here) or host:port
+    num_cpus: PositiveNumber = 1.0  # per Ray task; torch in the task gets as many threads
+    max_retries: NonNegativeInteger = 3  # a task is retried when its worker or node dies
+
+    def executor_settings(self) -> ExecutorParams:
+        return ExecutorParams(self.executor, self.ray_address, self.num_cpus, self.max_retries)
+
+
 @params_class
-class InitScaleParams:
+class InitScaleParams(SweepParams):
     experiment: Text
     stds: Annotated[tuple[PositiveNumber, ...], Field(min_length=1), AfterValidator(distinct)]
     mixed: tuple[tuple[PositiveNumber, PositiveNumber], ...]
@@ -130,21 +144,17 @@ InputScalings = Annotated[
 
 
 @params_class
-class PhaseDiagramParams:
+class PhaseDiagramParams(SweepParams):
     experiment: Text
     lrs: Annotated[tuple[PositiveNumber, ...], Field(min_length=1), AfterValidator(distinct)]
     seeds: Seeds
     epochs: Count
     inputs: InputScalings
     precision: Literal["fp32", "bf16"] = "fp32"
-    executor: Literal["local", "ray"] = "local"
-    ray_address: Text = "auto"
-    num_cpus: PositiveNumber = 1.0
-    max_retries: NonNegativeInteger = 3
 
 
 @params_class
-class InterventionsParams:
+class InterventionsParams(SweepParams):
     experiment: Text
     points: Annotated[tuple[tuple[PositiveNumber, PositiveNumber], ...], Field(min_length=1)]  # (W1 std, W2 std)
     seeds: Seeds
@@ -154,10 +164,6 @@ class InterventionsParams:
     weight_decay: Annotated[tuple[PositiveNumber, ...], AfterValidator(distinct)]
     adam_lr: PositiveNumber
     precision: Literal["fp32", "bf16"] = "fp32"
-    executor: Literal["local", "ray"] = "local"
-    ray_address: Text = "auto"
-    num_cpus: PositiveNumber = 1.0
-    max_retries: NonNegativeInteger = 3
 
 
 @params_class

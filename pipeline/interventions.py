@@ -30,7 +30,7 @@ import torch
 from pipeline import batched
 from pipeline import model as mlp
 from pipeline.errors import PipelineError
-from pipeline.stats import mean_and_std
+from pipeline.spread import mean_and_std
 from pipeline.tensors import load_split
 
 INPUTS = ("standardized", "pixels")

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import cli, config, cpu, tracking
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
-from pipeline.executor import ExecutorParams, run_chunks
+from pipeline.executor import run_chunks
 from pipeline.files import write_json, write_text
 from pipeline.interventions import Chunk, Recipe, load_shared, log_model_runs, seed_summary, train_chunk
 from pipeline.spread import mean_and_std
@@ -82,7 +82,7 @@ def chunks(section, train: config.TrainParams) -> list[tuple[Chunk, list[Arm]]]:
 
 def run(section, train, shared: dict, loss_gate: float) -> tuple[dict, list[dict]]:
     """Train every arm through the executor; the summary per input, point and intervention, and every model's run."""
-    settings = ExecutorParams(section.executor, section.ray_address, section.num_cpus, section.max_retries)
+    settings = section.executor_settings()
     work = chunks(section, train)
     done = lambda index, result: print(f"chunk {index + 1}/{len(work)} done", flush=True)  # noqa: E731
     results = run_chunks(train_chunk, [chunk for chunk, _ in work], shared, settings, on_result=done)

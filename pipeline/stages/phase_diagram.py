@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline import cli, config, cpu, tracking
 from pipeline.cli import stage_entry
 from pipeline.errors import PipelineError
-from pipeline.executor import ExecutorParams, run_chunks
+from pipeline.executor import run_chunks
 from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.interventions import (
     Chunk,
@@ -49,7 +49,7 @@ def chunks(section: config.PhaseDiagramParams, study, train: config.TrainParams)
 
 def run(section, study, train, shared: dict, loss_gate: float) -> tuple[dict, list[dict]]:
     """Train the grid through the executor; the summary (per input, per point and lr) and every model's run."""
-    settings = ExecutorParams(section.executor, section.ray_address, section.num_cpus, section.max_retries)
+    settings = section.executor_settings()
     work = chunks(section, study, train)
     done = lambda index, result: print(f"chunk {index + 1}/{len(work)} done", flush=True)  # noqa: E731
     results = run_chunks(train_chunk, work, shared, settings, on_result=done)
