@@ -33,6 +33,32 @@ def train_params() -> config.TrainParams:
     return dataclasses.replace(config.load(REPO / "params.yaml").train, batch_size=64, device="cpu", precision="fp32")
 
 
+def trained(params: config.InitScaleParams, data: dict) -> tuple[list, list[list[dict]]]:
+    result = init_scale.train(params, train_params(), data)
+    return result.models, result.histories
+
+
+def without_seconds(histories: list[list[dict]]) -> list[list[dict]]:
+    return [[{k: v for k, v in record.items() if k != "seconds"} for record in history] for history in histories]
+
+
+def test_a_models_figures_do_not_depend_on_the_chunk_it_trains_in(data):
+    """Every figure is the same whether all models train in one chunk or one by one: what lets the chunks run
+    anywhere (here, or as Ray tasks) with the same answer. Training, the diagnostics and the epoch-1 trace are
+    bit-identical; sharpness (power iteration from the same start vector for every model) to float rounding, as
+    its reductions over a stack of another size may add in another order."""
+    params = study(epochs=2, report_epochs=(2,), sharpness_epochs=(0, 2), trace_every=2)
+    together = init_scale.train(dataclasses.replace(params, chunk_models=8), train_params(), data)
+    alone = init_scale.train(dataclasses.replace(params, chunk_models=1), train_params(), data)
+    assert together.models == alone.models and len(together.models) == 8
+    assert set(together.nodes) == {"local"} and len(alone.nodes) == 8
+    sharpness = lambda histories: [record.pop("sharpness") for history in histories for record in history]  # noqa: E731
+    first, second = without_seconds(together.histories), without_seconds(alone.histories)
+    expected = [value if value is None else pytest.approx(value, rel=1e-5) for value in sharpness(second)]
+    assert sharpness(first) == expected and sum(value is not None for value in expected) == 8 * 2
+    assert first == second
+
+
 def test_the_points_are_the_grid_the_mixed_pairs_and_pytorchs_default():
     labels = [(point.label, point.w1_std, point.w2_std) for point in init_scale.points(study())]
     assert labels == [("std 0.01", 0.01, 0.01), ("std 1", 1.0, 1.0), ("W1 0.01, W2 1", 0.01, 1.0),
@@ -74,15 +100,15 @@ def test_diagnostics_match_autograd_and_their_definitions(data):
 
 def test_every_report_epoch_comes_from_one_run_that_a_shorter_run_is_the_prefix_of(data):
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]
-    _, short = init_scale.train(study(epochs=2, report_epochs=(2,)), train_params(), data)
-    models, long = init_scale.train(study(), train_params(), data)
+    short = init_scale.train(study(epochs=2, report_epochs=(2,)), train_params(), data).histories
+    models, long = trained(study(), data)
     assert len(models) == 8
     for first, second in zip(short, long):
         assert strip(second[:3]) == strip(first) and len(second) == 4  # epoch 0 (at init), then 1, 2, 3
 
 
 def test_the_report_has_the_issues_form_with_seed_spreads(data):
-    models, histories = init_scale.train(study(), train_params(), data)
+    models, histories = trained(study(), data)
     points = init_scale.summarize(study(), models, histories, loss_gate=0.5)
     assert [point["label"] for point in points][-1] == "pytorch default" and points[-1]["w1_std"] is None
     for point in points:
@@ -100,7 +126,7 @@ def test_the_report_has_the_issues_form_with_seed_spreads(data):
 
 
 def test_the_table_has_a_row_per_point_with_each_report_epoch(data):
-    models, histories = init_scale.train(study(), train_params(), data)
+    models, histories = trained(study(), data)
     summary = {
         "points": init_scale.summarize(study(), models, histories, loss_gate=0.5),
         "probe_images": 64,
@@ -202,7 +228,7 @@ def test_the_epoch_1_trace_measures_each_recorded_minibatch_step_and_the_flips_s
 
 
 def test_the_study_reports_sharpness_and_the_trace_per_point(data):
-    models, histories = init_scale.train(study(sharpness_epochs=(0, 1), trace_every=2), train_params(), data)
+    models, histories = trained(study(sharpness_epochs=(0, 1), trace_every=2), data)
     points = init_scale.summarize(study(sharpness_epochs=(0, 1)), models, histories, loss_gate=0.5)
     for point in points:
         assert set(point["sharpness"]) == {"0", "1"} and point["sharpness"]["0"]["mean"] is not None

@@ -148,7 +148,7 @@ def test_the_stage_names_each_intervention_its_gate_effect_and_the_twins_follow_
     from tests.conftest import REPO
 
     params = config.load(REPO / "params.yaml")
-    section = dataclasses.replace(params.interventions, seeds=(0, 1), epochs=2, inputs=("pixels",),
+    section = dataclasses.replace(params.interventions, seeds=(0, 1), epochs=2, inputs=("pixels",), executor="local",
                                   weight_decay=(0.01,))  # fmt: skip
     train = dataclasses.replace(params.train, batch_size=32, hidden=(16,))
     summary, runs = stage.run(section, train, shared(pixels), loss_gate=0.5)

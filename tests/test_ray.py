@@ -267,3 +267,40 @@ def test_the_scale_out_benchmark_runs_on_a_given_cluster(cluster):
         result["models_per_s"]["ray"] / result["models_per_s"]["local"], rel=0.01, abs=0.001
     )  # both kept to 3 decimals
     assert result["cluster"] == cluster.address
+
+
+@pytest.mark.ray
+@pytest.mark.integration
+def test_the_init_scale_study_runs_its_chunks_on_both_nodes_with_the_local_figures(cluster):
+    """The default pipeline's study through the same executor: `executor: ray` in its section, chunks spread
+    over the nodes, every model's figures those of the local run (1 thread, as a 1-CPU task has)."""
+    import dataclasses
+
+    from pipeline.stages import init_scale
+    from tests.conftest import make_split
+    from tests.test_init_scale import study, train_params
+
+    def flat(split):
+        images, labels = split
+        return images.reshape(len(images), -1).float() / 255, labels.long()
+
+    nodes = two_nodes(cluster)
+    data = {"train": flat(make_split(256, seed=5)), "validation": flat(make_split(64, seed=6))}
+    params = study(epochs=2, report_epochs=(2,), sharpness_epochs=(0,), chunk_models=2)
+    remote = init_scale.train(
+        dataclasses.replace(params, executor="ray", ray_address=cluster.address), train_params(), data
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = init_scale.train(params, train_params(), data)
+    finally:
+        torch.set_num_threads(previous)
+    assert set(remote.nodes) == set(nodes.values()) and set(local.nodes) == {"local"}
+    assert remote.models == local.models
+    for want, got in zip(local.histories, remote.histories):
+        for expected, actual in zip(want, got):
+            for name in ("train_loss", "validation_accuracy", "loss", "w1_travel", "sharpness"):
+                assert actual[name] == (
+                    None if expected[name] is None else pytest.approx(expected[name], rel=TOLERANCE, abs=TOLERANCE)
+                ), name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from pipeline import model as mlp
 from pipeline.cli import stage_entry
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.executor import run_chunks
 from pipeline.files import pyplot, write_json, write_png, write_text
 from pipeline.interventions import Point, conserved, init_points, travel
 from pipeline.spread import mean_and_std as spread_of
@@ -96,8 +98,7 @@ def sharpness(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor,
     logits = batched.forward(probe, images.expand(models.models, *images.shape))
     loss = batched.example_losses(logits, labels.expand(models.models, -1)).mean(1).sum()
     gradients = torch.autograd.grad(loss, parameters, create_graph=True)
-    generator = torch.Generator(device=images.device).manual_seed(0)
-    vector = [torch.randn(p.shape, generator=generator, device=p.device) for p in parameters]
+    vector = [torch.stack([_start(p.shape[1:], p.device) for _ in range(models.models)]) for p in parameters]
     estimate = torch.zeros(models.models, device=images.device)
     for _ in range(iterations):
         norms = sum(v.flatten(1).pow(2).sum(1) for v in vector).sqrt()
@@ -106,6 +107,11 @@ def sharpness(models: batched.Stack, images: torch.Tensor, labels: torch.Tensor,
         estimate = sum((v * product).flatten(1).sum(1) for v, product in zip(vector, products))
         vector = [product.detach() for product in products]
     return estimate.detach()
+
+
+def _start(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Power iteration's start vector for one model's parameter: the same for every model, in any chunk."""
+    return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
 
 
 class Trace:
@@ -148,12 +154,53 @@ class Trace:
         return [{"step": r["step"], **{name: r[name][index] for name in TRACE}} for r in self.records]
 
 
+@dataclass(frozen=True)
+class StudyChunk:
+    """Models trained together in one call (one executor task): (point, seed) pairs, with the settings they need."""
+
+    models: tuple[tuple[Point, int], ...]
+    study: config.InitScaleParams
+    train: config.TrainParams
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Every model of the grid, in points-then-seeds order: its history and the executor node that trained it."""
+
+    models: list[tuple[Point, int]]
+    histories: list[list[dict]]
+    nodes: list[str]
+
+
+def chunks(study: config.InitScaleParams, train_params: config.TrainParams) -> list[StudyChunk]:
+    """The grid's (point, seed) models, in order, cut into chunks of init_scale.chunk_models."""
+    models, size = models_of(study), study.chunk_models
+    return [StudyChunk(tuple(models[i : i + size]), study, train_params) for i in range(0, len(models), size)]
+
+
 def train(
-    study: config.InitScaleParams, train_params: config.TrainParams, data: dict, report=lambda records: None
-) -> tuple[list[tuple[Point, int]], list[list[dict]]]:
-    """Every (point, seed) trained together; per model, one record per epoch (epoch 0 is at init)."""
+    study: config.InitScaleParams, train_params: config.TrainParams, data: dict, report=lambda models, records: None
+) -> Trained:
+    """Every (point, seed), chunk by chunk through the study's executor (here, or as Ray tasks); `report(models,
+    last records)` as each chunk ends. A model's figures do not depend on which chunk it trains in."""
+    work = chunks(study, train_params)
+
+    def done(index: int, result) -> None:
+        print(f"chunk {index + 1}/{len(work)} done", flush=True)
+        report(list(work[index].models), [history[-1] for history in result.value])
+
+    results = run_chunks(train_chunk, work, data, study.executor_settings(), on_result=done)
+    return Trained(
+        [model for chunk in work for model in chunk.models],
+        [history for result in results for history in result.value],
+        [result.node for chunk, result in zip(work, results) for _ in chunk.models],
+    )
+
+
+def train_chunk(chunk: StudyChunk, data: dict) -> list[list[dict]]:
+    """One chunk's models trained together; per model, one record per epoch (epoch 0 is at init)."""
+    study, train_params, models = chunk.study, chunk.train, list(chunk.models)
     device = resolve_device(train_params.device)
-    models = [(point, seed) for point in points(study) for seed in study.seeds]
     nets = [initial_net(point, seed, train_params.hidden, device) for point, seed in models]
     group = batched.stack(nets, device)
     step = batched.optimizer("sgd", group, train_params.lr)
@@ -167,7 +214,6 @@ def train(
     initial = (group.weights[0].detach().clone(), conserved(group).detach())
     measure = lambda epoch: _measure(group, probe, validation, train_params.lr, initial, study, epoch)  # noqa: E731
     _record(histories, 0, full_loss.tolist(), *measure(0), 0.0)
-    report([history[-1] for history in histories])
     for epoch in range(1, study.epochs + 1):
         started = time.perf_counter()
         trace = Trace(group, probe[0], study.trace_every) if epoch == 1 else None
@@ -180,8 +226,7 @@ def train(
         if trace is not None:
             for index, history in enumerate(histories):
                 history[-1]["epoch_1_trace"] = trace.per_model(index) if history[-1]["train_loss"] is not None else []
-        report([history[-1] for history in histories])
-    return models, histories
+    return histories
 
 
 def initial_net(point: Point, seed: int, hidden: tuple[int, ...], device: torch.device) -> torch.nn.Module:
@@ -407,7 +452,7 @@ def run_params(point: Point, seed: int, study: config.InitScaleParams) -> dict:
 
 
 def print_epoch(models: list[tuple[Point, int]], records: list[dict]) -> None:
-    """One line per point: its train loss and validation accuracy, mean over seeds."""
+    """One line per point of `models` (a chunk's): its train loss and validation accuracy, mean over seeds."""
     for point in dict.fromkeys(point for point, _ in models):
         own = [record for (other, _), record in zip(models, records) if other == point]
         loss, _ = finite_mean_and_std([record["train_loss"] for record in own])
@@ -437,7 +482,8 @@ def main() -> None:
     if study is None:
         raise PipelineError(f"init_scale: {args.params} has no init_scale section; expected the study's points")
     with cpu.shared_threads():
-        models, histories = train(study, train_params, data, lambda records: print_epoch(models_of(study), records))
+        trained = train(study, train_params, data, print_epoch)
+    models, histories = trained.models, trained.histories
     summary = {
         "points": summarize(study, models, histories, params.evaluate.max_train_loss),
         "loss_gate": f"train loss < {params.evaluate.max_train_loss}",
@@ -451,11 +497,12 @@ def main() -> None:
         "sharpness_iterations": study.sharpness_iterations,
         "trace_every": study.trace_every,
         "device": resolve_device(train_params.device).type,
+        "executor": study.executor,
         "mlflow_experiment": study.experiment,
     }
     table = markdown(summary)
     draw(args.plot, summary["points"], study.report_epochs)
-    log_runs(study, train_params, models, histories, summary, table, args.plot)
+    log_runs(study, train_params, trained, summary, table, args.plot)
     write_text(args.table, table)
     write_json(args.report, summary)
 
@@ -464,8 +511,9 @@ def models_of(study: config.InitScaleParams) -> list[tuple[Point, int]]:
     return [(point, seed) for point in points(study) for seed in study.seeds]
 
 
-def log_runs(study, train_params, models, histories, summary: dict, table: str, plot: Path) -> None:
-    """The study's run and one nested run per point and seed (epochs with step=epoch), in one short step."""
+def log_runs(study, train_params, trained: Trained, summary: dict, table: str, plot: Path) -> None:
+    """The study's run and one nested run per point and seed (epochs with step=epoch, the node that trained it as a
+    tag: node ids change every run, so they stay out of the committed JSON), in one short step."""
     import mlflow
     from mlflow.entities import Metric, Param
 
@@ -479,13 +527,16 @@ def log_runs(study, train_params, models, histories, summary: dict, table: str, 
                 "batch_size": train_params.batch_size,
                 "hidden": list(train_params.hidden),
                 "precision": study.precision,
+                "executor": study.executor,
+                "chunk_models": study.chunk_models,
             }
         )
-        mlflow.log_metric("train_seconds", sum(record["seconds"] for record in histories[0]))
+        mlflow.log_metric("train_seconds", sum(record["seconds"] for record in trained.histories[0]))
         client, now = mlflow.MlflowClient(), int(time.time() * 1000)
         tags = {**tracking.lineage_tags("init_scale"), "mlflow.parentRunId": parent.info.run_id}
-        for (point, seed), history in zip(models, histories):
-            run = client.create_run(parent.info.experiment_id, run_name=run_name(point, seed), tags=tags)
+        for (point, seed), history, node in zip(trained.models, trained.histories, trained.nodes):
+            run_tags = {**tags, "ray_node": node}
+            run = client.create_run(parent.info.experiment_id, run_name=run_name(point, seed), tags=run_tags)
             metrics = [
                 Metric(key, value, now, record["epoch"])
                 for record in history
