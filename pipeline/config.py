@@ -168,6 +168,16 @@ class InterventionsParams(SweepParams):
 
 
 @params_class
+class TrainCh3Params:
+    experiment: Text
+    points: Annotated[tuple[tuple[PositiveNumber, PositiveNumber], ...], Field(min_length=1)]  # (W1 std, W2 std)
+    seeds: Seeds
+    epochs: Count
+    lr: PositiveNumber
+    batch_size: Count
+
+
+@params_class
 class Params:
     data: DataParams
     prepare: PrepareParams
@@ -179,6 +189,7 @@ class Params:
     init_scale: InitScaleParams | None = None  # the pipeline's study; a lesson reusing the stages has none
     phase_diagram: PhaseDiagramParams | None = None  # learning rate x init point, on both input scalings
     interventions: InterventionsParams | None = None  # temperature, weight decay and Adam at chosen inits
+    train_ch3: TrainCh3Params | None = None  # d2l's own code at chosen inits, on its own inputs
 
     def variant(self, name: str) -> TrainParams:
         """The train defaults with the variant's overrides."""

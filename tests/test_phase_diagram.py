@@ -134,3 +134,22 @@ def test_the_tiny_grid_on_a_two_node_ray_cluster_equals_the_local_run(tiny_repo)
                     assert theirs[key] == pytest.approx(value, abs=1e-6), (inputs, mine["point"], key)
                 else:
                     assert theirs[key] == value
+
+
+@pytest.mark.integration
+def test_d2ls_own_train_ch3_runs_by_its_stage_with_a_verdict_per_point_and_a_run_per_seed(tiny_repo):
+    from mlflow import MlflowClient
+
+    repo, env = tiny_repo
+    edit_params(repo, lambda params: params["train_ch3"].update(seeds=[0, 1], epochs=1))
+    output = run_tool(["dvc", "repro", "--force", "--single-item", "studies/dvc.yaml:train_ch3"], repo, env).stdout
+    assert "Running stage 'studies/dvc.yaml:train_ch3'" in output and "W1 1, W2 1 seed 1: train loss" in output
+    summary = json.loads((repo / "reports/train_ch3.json").read_text())
+    assert [point["point"] for point in summary["points"]] == ["W1 1, W2 1", "W1 0.01, W2 1"]
+    assert summary["train_images"] == 600 and summary["inputs"] == "pixels"  # all train images, as d2l trains
+    assert all(0 <= point["pass_fraction"] <= point["gate_pass_fraction"] <= 1 for point in summary["points"])
+    assert "| W1 0.01, W2 1 |" in (repo / "reports/train_ch3.md").read_text()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(PARAMS.train_ch3.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 + 2 * 2 and all(run.info.status == "FINISHED" for run in runs)
