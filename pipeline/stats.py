@@ -24,14 +24,13 @@ import itertools
 import math
 import statistics
 
-import torch
+import numpy as np
 
 from pipeline.spread import mean_and_std  # noqa: F401 - the summaries' spread, read here by evaluation
 
 CONFIDENCE = 0.95
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 BOOTSTRAP_SEED = 0  # every bootstrap draws from this seed: the same params give the same bytes
-BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # first image in the highest bit
 CHUNK = 250  # resamples drawn at once: 250 x images counts keeps memory small
 
 
@@ -51,10 +50,11 @@ def t_half_width(standard_error: float, degrees_of_freedom: int, confidence: flo
 
 @functools.cache
 def t_quantile(probability: float, degrees_of_freedom: int) -> float:
-    """Student t's quantile from scipy rather than a hand-copied table (a plain float, not numpy's)."""
-    from scipy.stats import t
+    """Student t's quantile from scipy rather than a hand-copied table (a plain float, not numpy's):
+    scipy.special's inverse of the t CDF, which scipy.stats.t.ppf calls, without importing all of scipy.stats."""
+    from scipy.special import stdtrit
 
-    return float(t.ppf(probability, degrees_of_freedom))
+    return float(stdtrit(degrees_of_freedom, probability))
 
 
 def levels(alpha: float, comparisons: int) -> tuple[float, float]:
@@ -108,7 +108,7 @@ def paired_comparison(
 
 
 def paired_bootstrap_comparisons(
-    correct: dict[str, dict[str, torch.Tensor]],
+    correct: dict[str, dict[str, np.ndarray]],
     pairs: list[tuple[str, str]],
     margin: float,
     alpha: float,
@@ -129,58 +129,56 @@ def paired_bootstrap_comparisons(
     results = []
     for seeds, matrix in differences:
         count, images = matrix.shape
-        mean = _exact_sum(matrix) / matrix.numel() if matrix.numel() else None
+        mean = _exact_sum(matrix) / matrix.size if matrix.size else None
         error = math.sqrt(next(variances) * count / (count - 1)) if count >= 2 and images else None
         results.append({"seeds": seeds, "images": images, **judged(mean, error, count, margin, len(pairs), alpha)})
     return results
 
 
-def paired_differences(
-    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
-) -> tuple[list[str], torch.Tensor]:
+def paired_differences(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     """The seeds both have, and seeds x images of first's correctness minus second's (-1, 0 or 1)."""
     seeds = sorted(set(first) & set(second), key=_seed_order)
     if not seeds:
-        return [], torch.zeros(0, 0, dtype=torch.float64)
-    rows = [first[seed].double() - second[seed].double() for seed in seeds]
-    return seeds, torch.stack(rows)
+        return [], np.zeros((0, 0))
+    rows = [np.asarray(first[seed], dtype=np.float64) - np.asarray(second[seed], dtype=np.float64) for seed in seeds]
+    return seeds, np.stack(rows)
 
 
-def bootstrap_variances(matrices: list[torch.Tensor], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[float]:
+def bootstrap_variances(matrices: list[np.ndarray], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[float]:
     """Per matrix (integer entries, seeds x images), the variance (n - 1 denominator) over resamples of its mean
     with seeds and images resampled; exact integer sums, so the same draws give the same bits on any machine."""
-    variances = []
+    matrices, variances = [np.asarray(matrix, dtype=np.float64) for matrix in matrices], []
     for matrix, sums in zip(matrices, resampled_sums(matrices, resamples, seed)):
         totals = [round(total) for total in sums.tolist()]
         spread = len(totals) * sum(total * total for total in totals) - sum(totals) ** 2
-        variances.append(spread / (len(totals) * (len(totals) - 1) * matrix.numel() ** 2))  # one rounding
+        variances.append(spread / (len(totals) * (len(totals) - 1) * matrix.size**2))  # one rounding
     return variances
 
 
-def resampled_sums(matrices: list[torch.Tensor], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[torch.Tensor]:
+def resampled_sums(matrices: list[np.ndarray], resamples: int, seed: int = BOOTSTRAP_SEED) -> list[np.ndarray]:
     """Per matrix (seeds x the same N images), per resample, its sum over its seeds and the N images drawn with
     replacement: the image draws are shared, the seed draws are each matrix's own. float64 sums of integer
-    entries are exact (every partial sum is an integer far below 2^53, whatever order the BLAS adds in)."""
+    entries are exact (every partial sum is an integer far below 2^53, whatever order the BLAS adds in); the
+    draws come from numpy's PCG64 at `seed`, the same on every machine."""
     if not matrices:
         return []
-    stacked = torch.cat([matrix.double() for matrix in matrices])
+    stacked = np.concatenate([np.asarray(matrix, dtype=np.float64) for matrix in matrices])
     offsets = [0, *itertools.accumulate(len(matrix) for matrix in matrices)]
-    images, generator = stacked.shape[1], torch.Generator().manual_seed(seed)
-    sums: list[list[torch.Tensor]] = [[] for _ in matrices]
-    one = torch.ones(1, 1, dtype=torch.float64)
+    images, generator = stacked.shape[1], np.random.default_rng(seed)
+    sums: list[list[np.ndarray]] = [[] for _ in matrices]
     for start in range(0, resamples, CHUNK):
         count = min(CHUNK, resamples - start)
-        draws = torch.randint(0, images, (count, images), generator=generator)
-        weights = torch.zeros(count, images, dtype=torch.float64).scatter_add_(1, draws, one.expand(count, images))
+        draws = generator.integers(0, images, size=(count, images)) + images * np.arange(count)[:, None]
+        weights = np.bincount(draws.ravel(), minlength=count * images).reshape(count, images).astype(np.float64)
         per_row = weights @ stacked.T  # count x rows: each seed's sum over the drawn images
         for index, matrix in enumerate(matrices):
-            picked = torch.randint(0, len(matrix), (count, len(matrix)), generator=generator) + offsets[index]
-            sums[index].append(per_row.gather(1, picked).sum(1))
-    return [torch.cat(parts) for parts in sums]
+            picked = generator.integers(0, len(matrix), size=(count, len(matrix))) + offsets[index]
+            sums[index].append(np.take_along_axis(per_row, picked, 1).sum(1))
+    return [np.concatenate(parts) for parts in sums]
 
 
-def _exact_sum(matrix: torch.Tensor) -> int:
-    return round(matrix.sum().item())  # integer entries: exact in float64
+def _exact_sum(matrix: np.ndarray) -> int:
+    return round(float(matrix.sum()))  # integer entries: exact in float64
 
 
 def _seed_order(seed: str) -> tuple[int, str]:
@@ -195,25 +193,24 @@ def bootstrap_accuracy_interval(
     `correct` is seeds x images (1 where that seed's model got that image right). Each resample draws seeds
     and images with replacement, so the interval holds the test set's own sampling error (about
     sqrt(p (1 - p) / n), 0.0034 at 0.87 on 10,000 images) as well as the spread over seeds."""
-    matrix = torch.as_tensor(correct, dtype=torch.float64)
-    if matrix.dim() != 2 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
+    matrix = np.asarray(correct, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
         return None
-    values = resampled_sums([matrix], resamples, seed)[0] / matrix.numel()
+    values = resampled_sums([matrix], resamples, seed)[0] / matrix.size
     tail = (1 - confidence) / 2
-    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = np.quantile(values, [tail, 1 - tail]).tolist()
     return [low, high]
 
 
-def pack_bits(correct: torch.Tensor) -> str:
-    """Which images a model got right, as hex: 8 images a byte, the first in the highest bit (numpy's packbits)."""
-    bits = torch.nn.functional.pad(correct.to(torch.uint8).flatten(), (0, -len(correct) % 8))
-    return bytes((bits.view(-1, 8) * BIT_WEIGHTS).sum(1).tolist()).hex()
+def pack_bits(correct) -> str:
+    """Which images a model got right (a bool vector: numpy, torch or a list), as hex: 8 images a byte, the first
+    in the highest bit (numpy's packbits)."""
+    return np.packbits(np.asarray(correct, dtype=bool).ravel()).tobytes().hex()
 
 
-def unpack_bits(text: str, images: int) -> torch.Tensor:
-    """`pack_bits` undone: a bool tensor of `images` values; ValueError for text that cannot be that."""
+def unpack_bits(text: str, images: int) -> np.ndarray:
+    """`pack_bits` undone: a bool array of `images` values; ValueError for text that cannot be that."""
     packed = bytes.fromhex(text)
     if len(packed) != -(-images // 8):
         raise ValueError(f"{len(packed)} bytes, expected {-(-images // 8)} for {images} images")
-    bits = torch.tensor(list(packed), dtype=torch.uint8).unsqueeze(1).bitwise_and(BIT_WEIGHTS).ne(0)
-    return bits.flatten()[:images]
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[:images].astype(bool)

@@ -119,7 +119,7 @@ def test_packed_bits_are_numpys_packbits_and_read_back():
         correct = torch.rand(count, generator=generator) < 0.5
         text = stats.pack_bits(correct)
         assert text == numpy.packbits(correct.numpy()).tobytes().hex()
-        assert torch.equal(stats.unpack_bits(text, count), correct)
+        assert numpy.array_equal(stats.unpack_bits(text, count), correct.numpy())
     with pytest.raises(ValueError, match="2 bytes, expected 5 for 37 images"):
         stats.unpack_bits("ff00", 37)
     with pytest.raises(ValueError):

@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import pyplot, read_json, write_json, write_png, write_text
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 def collect(params: config.Params, results: Path, evaluations: Path) -> dict[str, dict]:
@@ -49,7 +49,7 @@ def collect(params: config.Params, results: Path, evaluations: Path) -> dict[str
     return rows
 
 
-def validation_correctness(evaluated: dict, path: Path, variant: str) -> dict[str, torch.Tensor]:
+def validation_correctness(evaluated: dict, path: Path, variant: str) -> dict[str, np.ndarray]:
     """seed -> which validation images that seed's model got right, from the packed bits evaluate wrote."""
     rerun = f"rerun: dvc repro -f -s evaluate@{variant}"
     if not isinstance(evaluated.get("validation_correct"), dict) or not isinstance(
