@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config
-from pipeline import model as mlp
 
 RESULTS_TAG = "results_md5"
 
@@ -92,6 +91,7 @@ def log_training(args, params: config.Params, train_params: config.TrainParams, 
 
 def log_model(net, params: config.TrainParams, stats: dict, dataset: str) -> str:
     """The model for serving: raw uint8 images in, the train split's normalization inside (pipeline/serving.py)."""
+    from pipeline import model as mlp
     from pipeline import serving
     from pipeline.datasets import class_names
     from pipeline.stages.train import architecture
