@@ -136,7 +136,7 @@ class InitScaleParams(SweepParams):
     trace_every: Count = 10  # epoch 1's trace: a record every this many steps
     sharpness_epochs: tuple[NonNegativeInteger, ...] = (0, 1, 10)  # top Hessian eigenvalue at these epochs
     sharpness_iterations: Count = 20  # power-iteration steps
-    chunk_models: Count = 9  # models trained together in one executor task: the grid's (point, seed) pairs in order
+    chunk_models: Count = 27  # models trained together in one executor task: the grid's (point, seed) pairs in order
 
 
 InputScalings = Annotated[
