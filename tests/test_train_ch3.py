@@ -74,3 +74,32 @@ def test_the_stage_reports_each_points_verdict_over_its_seeds_from_one_run_per_s
     diverged, _ = train_ch3.run(section(points=((1.0, 1.0),), lr=1e6, seeds=(0,)), raw, None)
     assert diverged["points"][0]["pass_fraction"] == 0.0
     assert "| W1 0.01, W2 0.01 | 100% | 100% |" in train_ch3.markdown(summary)
+
+
+@pytest.mark.parametrize(
+    "stage, arguments",
+    [
+        ("train_ch3", ["--raw", "raw", "--report", "r.json", "--table", "r.md"]),
+        (
+            "phase_diagram",
+            ["--data", "d", "--stats", "s.json", "--report", "r.json", "--plot", "r.png", "--table", "r.md"],
+        ),
+        ("interventions", ["--data", "d", "--stats", "s.json", "--report", "r.json", "--table", "r.md"]),
+    ],
+)
+def test_a_study_without_its_params_section_is_one_line_and_writes_nothing(stage, arguments, tmp_path):
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import VENV_BIN, tool_env
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.pop(stage)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", f"pipeline.stages.{stage}", "--params", "params.yaml", *arguments],
+        cwd=tmp_path, env=tool_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {stage}: ") and result.stderr.count("\n") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
