@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -50,16 +49,19 @@ def test_an_interrupt_is_exit_130(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: signal SIGTERM\n"
 
 
-def interrupted_steps(hold, capsys) -> list[str]:
-    """Run a stage whose main sends itself SIGTERM inside `hold()`; return the steps it got through."""
+def interrupted_steps(hold, capsys, target: threading.Thread | None = None) -> list[str]:
+    """Run a stage whose main sends SIGTERM to `target` (the main thread unless given) inside `hold()`; return the
+    steps it got through. The signal goes to one chosen thread, not to the process: the kernel hands a process's
+    signal to any thread that does not block it, and a test process holds threads of earlier tests, so which thread
+    takes it would be chance."""
     steps = []
 
     @cli.stage_entry
     def main():
         with hold():
-            os.kill(os.getpid(), signal.SIGTERM)
-            # The kernel may hand the signal to another thread (torch's), which takes a moment to be scheduled:
-            # wait for it, boundedly. An unheld signal is raised during this wait.
+            signal.pthread_kill((target or threading.main_thread()).ident, signal.SIGTERM)
+            # A signal another thread takes reaches the main thread's handler at its next bytecode boundary: wait
+            # for it, boundedly. An unheld signal is raised during this wait.
             deadline = time.monotonic() + 5
             while not cli.interrupt_pending() and time.monotonic() < deadline:
                 time.sleep(0.001)
@@ -89,9 +91,9 @@ def test_a_signal_another_thread_takes_still_waits(capsys):
     threads); Python then runs the handler in the main thread, which must still wait."""
     done = threading.Event()
     other = threading.Thread(target=done.wait, daemon=True)
-    other.start()
+    other.start()  # before the block: it does not block SIGTERM
     try:
-        assert interrupted_steps(cli.signals_held, capsys) == ["held to the end, pending True"]
+        assert interrupted_steps(cli.signals_held, capsys, target=other) == ["held to the end, pending True"]
     finally:
         done.set()
 
