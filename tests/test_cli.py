@@ -49,6 +49,31 @@ def test_an_interrupt_is_exit_130(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: signal SIGTERM\n"
 
 
+def test_a_stage_process_skips_the_exit_collection_and_an_in_process_call_does_not(capsys):
+    """Run as a process (its main in __main__), a stage freezes the garbage collector on the way out: the
+    interpreter's last collection is skipped. Called in-process, as tests do, nothing is frozen."""
+    import gc
+
+    script = (
+        "import atexit, gc\n"
+        "from pipeline.cli import stage_entry\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "@stage_entry\n"
+        "def main():\n"
+        "    print('ran')\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "ran\nfrozen True\n")
+
+    @cli.stage_entry
+    def main():
+        return "ran"
+
+    before = gc.get_freeze_count()
+    assert main() == "ran" and gc.get_freeze_count() == before
+
+
 def interrupted_steps(hold, capsys, target: threading.Thread | None = None) -> list[str]:
     """Run a stage whose main sends SIGTERM to `target` (the main thread unless given) inside `hold()`; return the
     steps it got through. The signal goes to one chosen thread, not to the process: the kernel hands a process's
