@@ -49,29 +49,35 @@ def test_an_interrupt_is_exit_130(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: signal SIGTERM\n"
 
 
-def test_a_stage_process_skips_the_exit_collection_and_an_in_process_call_does_not(capsys):
-    """Run as a process (its main in __main__), a stage freezes the garbage collector on the way out: the
-    interpreter's last collection is skipped. Called in-process, as tests do, nothing is frozen."""
+def test_a_stage_process_freezes_and_spaces_its_collections_and_an_in_process_call_does_not(capsys):
+    """Run as a process (its main in __main__), a stage freezes what its imports made, collects less often, and
+    freezes everything on the way out (the interpreter's last collection is skipped). Called in-process, as tests
+    do, the collector is left as it was."""
     import gc
 
     script = (
         "import atexit, gc\n"
         "from pipeline.cli import stage_entry\n"
-        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
         "@stage_entry\n"
         "def main():\n"
-        "    print('ran')\n"
+        "    print('frozen', gc.get_freeze_count(), 'thresholds', gc.get_threshold())\n"
+        "    global made\n"
+        "    made = [[] for _ in range(1000)]\n"
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, "ran\nfrozen True\n")
+    first, last = done.stdout.splitlines()
+    assert done.returncode == 0 and first.endswith(f" thresholds {cli.COLLECT_EVERY}")
+    at_start, at_exit = int(first.split()[1]), int(last.split()[1])
+    assert at_start > 0 and at_exit >= at_start + 1000  # what main() made was frozen too, on the way out
 
     @cli.stage_entry
     def main():
         return "ran"
 
-    before = gc.get_freeze_count()
-    assert main() == "ran" and gc.get_freeze_count() == before
+    before = gc.get_freeze_count(), gc.get_threshold()
+    assert main() == "ran" and (gc.get_freeze_count(), gc.get_threshold()) == before
 
 
 def interrupted_steps(hold, capsys, target: threading.Thread | None = None) -> list[str]:
