@@ -157,6 +157,21 @@ def test_both_forms_start_from_the_same_weights_seed_by_seed(data):
     assert len({result.initial_loss for result in batched}) == 3  # and the seeds differ
 
 
+def test_the_initial_loss_is_on_the_validation_split_or_on_train_without_one(data):
+    """Each seed's loss before any step: on the validation split when there is one, on the train split without."""
+    train_split, validation = data
+    empty = (validation[0][:0], validation[1][:0])
+    net = train.initial_model(params(), 0, torch.device("cpu"))
+    with torch.no_grad():
+        on = {
+            name: F.cross_entropy(net(x), y).item()
+            for name, (x, y) in (("train", train_split), ("validation", validation))
+        }
+    assert on["train"] != pytest.approx(on["validation"], rel=1e-5)  # the splits can be told apart
+    assert one(params(epochs=1), 0, train_split, validation).initial_loss == pytest.approx(on["validation"], rel=1e-5)
+    assert one(params(epochs=1), 0, train_split, empty).initial_loss == pytest.approx(on["train"], rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_shorter_run_is_the_prefix_of_a_longer_one(data, precision):
     """With a constant learning rate, epoch 10 of a 30-epoch run is a 10-epoch run: the study reads both from one."""

@@ -42,7 +42,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)  # per epoch: FIGURES and "epoch"
     diverged: dict | None = None  # {"epoch": e, "step": s, "loss": value} when the loss went non-finite
-    initial_loss: float | None = None  # on the train split, before any step
+    initial_loss: float | None = None  # before any step, on the validation split (train's when it is empty)
     seconds: float = 0.0  # this seed's share of the training time (MLflow only)
 
 
@@ -136,7 +136,10 @@ def run(
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
     validation = tuple(tensor.to(device) for tensor in validation_data)
     group = Group(params, [result.model for result in results], device)
-    for result, loss in zip(results, evaluate(group.weights(), train_images, train_labels, params.loss)[0]):
+    # The loss at the start: on the validation split, images held out of the same train set and a tenth of its
+    # size (so a tenth of the pass); on the train split when there is none (d2l's exact setting, validation: 0).
+    start_split = validation if len(validation[1]) else (train_images, train_labels)
+    for result, loss in zip(results, evaluate(group.weights(), *start_split, params.loss)[0]):
         result.initial_loss = loss
     shuffles = [torch.Generator(device=device).manual_seed(seed) for seed in params.seeds]
     fingerprint = checkpoints.fingerprint(params, device, train_data, validation_data)
