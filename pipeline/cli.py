@@ -148,7 +148,8 @@ def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
         # open MLflow runs are ended as KILLED and temporary files are removed.
         for signum in HELD:
             signal.signal(signum, _interrupt)
-        if main.__module__ == "__main__":
+        process = main.__module__ == "__main__"  # a stage process, not a test calling main()
+        if process:
             gc.freeze()  # what the stage's imports made lives as long as the process: later collections skip it
             gc.set_threshold(*COLLECT_EVERY)
         try:
@@ -165,7 +166,7 @@ def stage_entry(main: Callable[[], T]) -> Callable[[], T]:
             print(f"error: {out_of_memory_line(stage_name(main), error)}", file=sys.stderr)
             raise SystemExit(2) from None
         finally:
-            if main.__module__ == "__main__":
+            if process:
                 gc.freeze()  # the interpreter's collection on the way out then skips everything
 
     return wrapper

@@ -16,7 +16,7 @@ import yaml
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from tests.conftest import REPO, tiny_params, tool_env
+from tests.conftest import REPO, run_tool, tiny_params, tool_env
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +66,8 @@ def test_a_stage_process_freezes_and_spaces_its_collections_and_an_in_process_ca
         "    made = [[] for _ in range(1000)]\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    first, last = done.stdout.splitlines()
-    assert done.returncode == 0 and first.endswith(f" thresholds {cli.COLLECT_EVERY}")
+    first, last = run_tool([sys.executable, "-c", script], REPO, timeout=60).stdout.splitlines()
+    assert first.endswith(f" thresholds {cli.COLLECT_EVERY}")
     at_start, at_exit = int(first.split()[1]), int(last.split()[1])
     assert at_start > 0 and at_exit >= at_start + 1000  # what main() made was frozen too, on the way out
 

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pipeline import config
 from pipeline.stages import train_ch3
-from tests.conftest import REPO, idx_bytes, make_split
+from tests.conftest import REPO, VENV_BIN, idx_bytes, make_split, run_tool, tool_env
 
 LAST = {"train_loss": 0.4, "train_accuracy": 0.85, "test_accuracy": 0.84}
 
@@ -88,18 +89,10 @@ def test_the_stage_reports_each_points_verdict_over_its_seeds_from_one_run_per_s
     ],
 )
 def test_a_study_without_its_params_section_is_one_line_and_writes_nothing(stage, arguments, tmp_path):
-    import subprocess
-
-    import yaml
-
-    from tests.conftest import VENV_BIN, tool_env
-
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.pop(stage)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run(
-        [str(VENV_BIN / "python"), "-m", f"pipeline.stages.{stage}", "--params", "params.yaml", *arguments],
-        cwd=tmp_path, env=tool_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [str(VENV_BIN / "python"), "-m", f"pipeline.stages.{stage}", "--params", "params.yaml", *arguments]
+    result = run_tool(command, tmp_path, tool_env(PYTHONPATH=str(REPO)), timeout=120, check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {stage}: ") and result.stderr.count("\n") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
