@@ -75,6 +75,13 @@ def run_tool(
     return result
 
 
+def under_ulimit(option: str, value: int, command: list[str]) -> list[str]:
+    """`command` run under bash's `ulimit <option> <value>` (KiB for -v and -f), set by the shell that `exec`s it.
+    Never subprocess's preexec_fn: that runs Python between fork and exec in this test process, whose other threads
+    (Ray's, MLflow's) can leave such a child deadlocked before exec, and Popen with it, past any timeout."""
+    return ["bash", "-c", f'ulimit {option} {value}; exec "$@"', "bash", *command]
+
+
 def copy_repo(destination: Path) -> Path:
     """The repo's tracked files (no data, no results, but their .gitignore files: what git keeps of an output
     decides what `dvc exp apply` can bring back) as a fresh git repo."""

@@ -16,7 +16,7 @@ import yaml
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.stages import prepare
-from tests.conftest import REPO, run_tool, tiny_params, tool_env
+from tests.conftest import REPO, run_tool, tiny_params, tool_env, under_ulimit
 
 
 @pytest.fixture(autouse=True)
@@ -255,14 +255,7 @@ def test_the_prepare_stage_out_of_memory_under_ulimit_is_one_line_and_writes_not
     out = tmp_path / "prepared"
     stage = [sys.executable, "-m", "pipeline.stages.prepare", "--params", str(tmp_path / "params.yaml")]
     stage += ["--raw", str(raw), "--out", str(out), "--stats", str(tmp_path / "stats.json")]
-    result = subprocess.run(
-        ["bash", "-c", f'ulimit -v {limit_kb}; exec "$@"', "bash", *stage],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_tool(under_ulimit("-v", limit_kb, stage), REPO, env, timeout=300, check=False)
     lines = [line for line in result.stderr.splitlines() if " INFO mlflow" not in line]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr

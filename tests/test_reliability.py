@@ -16,7 +16,17 @@ import yaml
 
 from pipeline import tensors
 from pipeline.stages import prepare
-from tests.conftest import REPO, copy_repo, edit_params, idx_bytes, make_split, run_tool, tiny_params, tool_env
+from tests.conftest import (
+    REPO,
+    copy_repo,
+    edit_params,
+    idx_bytes,
+    make_split,
+    run_tool,
+    tiny_params,
+    tool_env,
+    under_ulimit,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -63,22 +73,6 @@ def train_command(prepared: dict, out: Path, variant: str = "base") -> list[str]
 
 def statuses(uri: str, since: float = 0) -> dict[str, str]:
     return {run.info.run_name: run.info.status for run in runs(uri, since)}
-
-
-# Sets the limit, then becomes the command. Not subprocess's preexec_fn: that runs Python between fork and exec
-# in this test process, which holds other threads by then (Ray's, MLflow's), and a child that forks while one of
-# them holds a lock can deadlock before exec, and Popen with it, past any timeout.
-_SET_LIMIT_THEN_EXEC = (
-    "import os, resource, signal, sys; limit = int(sys.argv[1]); "
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
-    "signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "  # as Popen leaves it for a child: Python ignores it
-    "os.execvp(sys.argv[2], sys.argv[2:])"
-)
-
-
-def with_file_size_limit(limit_bytes: int, command: list[str]) -> list[str]:
-    """`command` with files larger than `limit_bytes` failing to write with EFBIG, as on a full disk."""
-    return [sys.executable, "-c", _SET_LIMIT_THEN_EXEC, str(limit_bytes), *command]
 
 
 def runs(uri: str, since: float = 0) -> list:
@@ -189,15 +183,9 @@ def test_full_disk_while_saving_fails_clearly_and_keeps_the_old_model(prepared, 
     (out / "models").mkdir(parents=True)
     (out / "models/seed-0.pt").write_bytes(b"the previous model")
     started = time.time()
-    # 600 kB: the small files fit; the 800 kB state dict does not. (The store is a server: not limited.)
-    result = subprocess.run(
-        with_file_size_limit(600_000, train_command(prepared, out)),
-        cwd=REPO,
-        env=tool_env(MLFLOW_TRACKING_URI=mlflow_server),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # 586 KiB (600 kB): the small files fit; the 800 kB state dict does not. (The store is a server: not limited.)
+    env = tool_env(MLFLOW_TRACKING_URI=mlflow_server)
+    result = run_tool(under_ulimit("-f", 586, train_command(prepared, out)), REPO, env, timeout=300, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: cannot write {out / 'models/seed-0.pt'}: File too large"
     assert (out / "models/seed-0.pt").read_bytes() == b"the previous model"
@@ -442,8 +430,8 @@ def test_failing_stage_keeps_its_outputs_is_not_locked_and_stops_downstream(big_
     original = (repo / "params.yaml").read_text()
     edit_params(repo, lambda params: params["variants"]["base"].update(seeds=[5]))
     try:
-        # A 600 kB file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
-        result = run_tool(with_file_size_limit(600_000, ["dvc", "repro", "compare"]), repo, env, check=False)
+        # A 586 KiB (600 kB) file-size limit, as on a full disk: the 800 kB checkpoint cannot be written.
+        result = run_tool(under_ulimit("-f", 586, ["dvc", "repro", "compare"]), repo, env, check=False)
     finally:
         (repo / "params.yaml").write_text(original)
     assert result.returncode != 0
