@@ -371,15 +371,21 @@ def test_kill_9_during_train_keeps_the_old_outputs_and_resumes_to_the_uninterrup
 
 
 def stage_pid(repo: Path, variant: str) -> int | None:
-    """The pid of the train stage process of `variant` under this repo, while it runs."""
+    """The pid of the Python process of `variant`'s train stage under this repo, while it runs. The interpreter
+    itself, never the shell DVC starts it with: dash (`/bin/sh` where SHELL is unset) does not exec a `-c`
+    command, and killing that shell would leave the stage training on, orphaned."""
     import psutil
 
     for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
         try:
-            command = " ".join(process.info["cmdline"] or [])
-            if "pipeline.stages.train" in command and f"--variant {variant}" in command and process.cwd() == str(repo):
+            arguments = process.info["cmdline"] or []
+            if (
+                arguments[1:3] == ["-m", "pipeline.stages.train"]
+                and arguments[arguments.index("--variant") + 1] == variant
+                and process.cwd() == str(repo)
+            ):
                 return process.info["pid"]
-        except psutil.Error:
+        except (psutil.Error, ValueError, IndexError):
             continue
     return None
 
@@ -407,6 +413,7 @@ def test_kill_9_of_the_stage_mid_training_then_dvc_repro_leaves_no_run_running(b
             os.kill(stage_pid(repo, "base"), signal.SIGKILL)
         finally:
             assert process.wait(timeout=120) != 0  # dvc saw its stage die
+        assert stage_pid(repo, "base") is None  # and no stage trains on behind its back
         assert [run.info.run_name for run in runs(uri, started)] == []  # killed mid-training: no run was opened
         output = run_tool(["dvc", "repro", "train@base"], repo, env).stdout
     finally:
