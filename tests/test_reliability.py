@@ -378,14 +378,10 @@ def stage_pid(repo: Path, variant: str) -> int | None:
 
     for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
         try:
-            arguments = process.info["cmdline"] or []
-            if (
-                arguments[1:3] == ["-m", "pipeline.stages.train"]
-                and arguments[arguments.index("--variant") + 1] == variant
-                and process.cwd() == str(repo)
-            ):
-                return process.info["pid"]
-        except (psutil.Error, ValueError, IndexError):
+            arguments = process.info["cmdline"] or []  # dvc.yaml's command: python -m <stage> --variant <key> ...
+            if arguments[1:5] == ["-m", "pipeline.stages.train", "--variant", variant] and process.cwd() == str(repo):
+                return process.pid
+        except psutil.Error:
             continue
     return None
 
